@@ -1,0 +1,41 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The torch pair this project is tested with; on this kind of machine pip takes both from local disk.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+FMNIST ?= /usr/share/datasets/fashion-mnist
+SHARDS ?= shards/fashion-mnist
+RUN    ?= runs/demo
+
+.PHONY: install data shards demo test clean
+.DEFAULT_GOAL := demo
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Fashion-MNIST is a Debian package here; elsewhere, put the four IDX files in $(FMNIST).
+data:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] && [ ! -f $(FMNIST)/train-images-idx3-ubyte ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; \
+	fi
+
+shards: install data
+	@if [ -f $(SHARDS)/index.json ]; then echo "$(SHARDS) exists: reusing it"; else \
+	  $(BIN)/python -m resnet_dist.shard fashion-mnist --root $(FMNIST) --out $(SHARDS); fi
+
+demo: shards
+	$(BIN)/python -m resnet_dist.shard verify $(SHARDS)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(RUN) $(SHARDS)

@@ -1,0 +1,31 @@
+"""One clear line and exit code 2 for bad input, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn, Sequence
+
+
+class UsageError(Exception):
+    """Bad input the user can fix: the message is the whole explanation, on one line."""
+
+
+class DataError(Exception):
+    """Data that is missing, damaged or inconsistent with its index."""
+
+
+def fail(message: str) -> NoReturn:
+    raise UsageError(message)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
+    """Run a command's main(); turn expected failures into one stderr line and a non-zero exit."""
+    try:
+        code = main(argv)
+    except (UsageError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
