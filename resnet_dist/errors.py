@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
@@ -23,7 +24,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         code = main(argv)
     except (UsageError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # Under a launcher every rank meets the same bad flag: one of them says so.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

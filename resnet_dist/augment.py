@@ -1,0 +1,63 @@
+"""Batch transforms on the training device: uint8 NHWC in, normalised float NCHW out.
+
+Per-sample transforms in loader workers (the notebooks' RandomCrop/RandomHorizontalFlip/ToTensor/
+Normalize) cost more CPU than decoding; one gather over the whole batch on the device costs almost
+nothing (airbench, FFCV and timm's prefetcher do the same).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop of each zero-padded image back to its size, and a random horizontal flip.
+
+    images: uint8 (N, H, W, C). Equivalent to torchvision's RandomCrop(size, padding) followed by
+    RandomHorizontalFlip(), drawn independently per sample, in one indexing op.
+    """
+    n, h, w, _ = images.shape
+    device = images.device
+    rows = torch.arange(h, device=device).expand(n, h)
+    cols = torch.arange(w, device=device).expand(n, w)
+    if padding > 0:
+        images = F.pad(images, (0, 0, padding, padding, padding, padding))  # (C, W, H) pads, zeros
+        shift = torch.randint(0, 2 * padding + 1, (2, n, 1), generator=generator, device="cpu").to(device)
+        rows, cols = rows + shift[0], cols + shift[1]
+    if flip:
+        mirrored = torch.rand(n, 1, generator=generator, device="cpu").to(device) < 0.5
+        cols = torch.where(mirrored, cols.flip(1), cols)
+    batch = torch.arange(n, device=device)[:, None, None]
+    return images[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = True,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> (x / 255 - mean) / std as (N, C, H, W).
+
+    The NHWC buffer permuted to NCHW *is* channels_last memory, so that layout costs no copy.
+    mean, std: (C,) on the [0, 1] scale, as index.json stores them.
+    """
+    x = images.permute(0, 3, 1, 2).to(dtype)
+    scale = (1.0 / (255.0 * std)).to(dtype).view(1, -1, 1, 1)
+    shift = (mean / std).to(dtype).view(1, -1, 1, 1)
+    x = x * scale - shift
+    return x if channels_last else x.contiguous()
+
+
+class BatchAugment:
+    """The train-time (crop + flip + normalise) and eval-time (normalise) transforms of one dataset."""
+
+    def __init__(self, mean, std, device: torch.device, padding: int = 4, flip: bool = True,
+                 channels_last: bool = True):
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
+        self.padding, self.flip, self.channels_last = padding, flip, channels_last
+
+    def train(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return normalize(crop_flip(images, self.padding, self.flip, generator), self.mean, self.std,
+                         self.channels_last)
+
+    def eval(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, self.mean, self.std, self.channels_last)

@@ -1,0 +1,101 @@
+"""Checkpoints: written atomically, loaded only through safe loaders.
+
+Layout of one checkpoint folder (checkpoints/last, checkpoints/best):
+  model.safetensors   weights of the unwrapped model (loadable without this project)
+  state.pt            optimizer, scheduler, grad-scaler state and counters: tensors and plain
+                      containers only, read back with torch.load(weights_only=True)
+  meta.json           epoch, step, metrics: human-readable
+
+A checkpoint is first written to a temporary sibling folder, fsynced, then renamed into place; the
+previous one is moved aside first and deleted last, so a kill at any moment leaves one complete
+checkpoint (`find_checkpoint` falls back to the moved-aside one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import DataError
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """JSON written to a temporary file in the same folder, fsynced, then renamed over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(folder: Path, model: torch.nn.Module, state: dict, meta: dict) -> None:
+    """Atomically replace `folder` with a checkpoint of `model` (unwrapped) and training `state`."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        _write_file(tmp / "model.safetensors", lambda p: save_file(weights, str(p)))
+        _write_file(tmp / "state.pt", lambda p: torch.save(state, p))
+        _write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+        _fsync_dir(tmp)
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def find_checkpoint(folder: Path) -> Path | None:
+    """`folder` if complete, else the copy moved aside by an interrupted save, else None."""
+    folder = Path(folder)
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / "meta.json").is_file():
+            return candidate
+    return None
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    path = Path(folder) / "model.safetensors"
+    try:
+        return load_file(str(path))
+    except (OSError, Exception) as exc:  # safetensors raises its own error type for damaged headers
+        raise DataError(f"{path}: cannot read weights ({exc})") from exc
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(weights, state, meta) of a checkpoint folder, through safe loaders only."""
+    folder = Path(folder)
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{folder}: damaged checkpoint ({exc})") from exc
+    return load_weights(folder), state, meta

@@ -1,0 +1,123 @@
+"""One typed training config: defaults, command-line parsing and validation.
+
+Every field is a command-line option (`batch_size` -> `--batch-size`); its help text is the field's
+`help` metadata. Validation happens before any process group, model or data is touched, so a bad
+flag costs one line and exit code 2, not a traceback from rank 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .errors import UsageError
+from .models import MODELS
+
+
+def opt(default, help: str, choices: Sequence[str] | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # where
+    data: str = opt("", "shard folder or http(s) URL prefix holding index.json (python -m resnet_dist.shard)")
+    out: str = opt("", "run folder: config, history, summary, checkpoints, plots, W&B run")
+    # model
+    model: str = opt("resnet18", "architecture", MODELS)
+    stem: str = opt("cifar", "cifar: 3x3 stride 1, no max-pool (small images); imagenet: 7x7 stride 2 + max-pool",
+                    ("cifar", "imagenet"))
+    width: int = opt(64, "base channels of the first stage (torchvision: 64)")
+    dropout: float = opt(0.0, "dropout before the classifier")
+    zero_init_residual: bool = opt(False, "zero the last BN of each residual block so blocks start as identity")
+    # optimisation
+    epochs: int = opt(10, "passes over the train split")
+    batch_size: int = opt(128, "images per process per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x processes x this)")
+    optimizer: str = opt("sgd", "optimizer", ("sgd", "adam", "adamw"))
+    lr: float = opt(0.1, "peak learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(False, "Nesterov momentum (SGD)")
+    weight_decay: float = opt(5e-4, "weight decay (L2 for sgd/adam, decoupled for adamw)")
+    schedule: str = opt("cosine", "lr schedule over all optimizer steps", ("cosine", "step", "onecycle", "none"))
+    warmup_epochs: float = opt(0.0, "linear warm-up from 0 (onecycle: length of the rising phase)")
+    label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
+    sync_bn: bool = opt(False, "synchronise BatchNorm statistics across processes")
+    # data
+    crop_padding: int = opt(4, "random-crop padding in pixels (0: no crop)")
+    flip: bool = opt(True, "random horizontal flip")
+    num_workers: int = opt(2, "loader worker processes per training process")
+    shuffle_block: int = opt(2048, "samples shuffled together in a worker, on top of the seeded shard order")
+    channels_last: bool = opt(True, "channels_last memory format (faster convolutions on CPUs and tensor cores)")
+    # run control
+    max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs); for smoke runs")
+    seed: int = opt(0, "seed for init, data order and augmentation")
+    resume: bool = opt(False, "continue the run in --out from checkpoints/last")
+    log_every: int = opt(20, "optimizer steps between logged train metrics")
+    wandb_project: str = opt("resnet-dist", "W&B project")
+    wandb_mode: str = opt("offline", "offline writes the run under --out (upload later with `wandb sync`)",
+                          ("online", "offline", "disabled"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accelerate launch launch/train.py",
+        description="Train a ResNet on WebDataset shards with Accelerate (DDP, mixed precision, SyncBN).")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata["help"]
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"],
+                                help=f"{help_} (default: {f.default})")
+    return parser
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Raise UsageError naming the first option that makes no sense."""
+    checks = [
+        (bool(cfg.data), "--data is required: a shard folder or URL made by `python -m resnet_dist.shard`"),
+        (bool(cfg.out), "--out is required: the run folder"),
+        (cfg.epochs > 0, f"--epochs must be positive (got {cfg.epochs})"),
+        (cfg.batch_size > 0, f"--batch-size must be positive (got {cfg.batch_size})"),
+        (cfg.grad_accum > 0, f"--grad-accum must be at least 1 (got {cfg.grad_accum})"),
+        (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
+        (cfg.width > 0, f"--width must be positive (got {cfg.width})"),
+        (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1) (got {cfg.dropout})"),
+        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1) (got {cfg.momentum})"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0 (got {cfg.weight_decay})"),
+        (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {cfg.label_smoothing})"),
+        (cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0 (got {cfg.warmup_epochs})"),
+        (cfg.crop_padding >= 0, f"--crop-padding must be >= 0 (got {cfg.crop_padding})"),
+        (cfg.num_workers >= 0, f"--num-workers must be >= 0 (got {cfg.num_workers})"),
+        (cfg.shuffle_block > 0, f"--shuffle-block must be positive (got {cfg.shuffle_block})"),
+        (cfg.max_steps >= 0, f"--max-steps must be >= 0 (got {cfg.max_steps})"),
+        (cfg.log_every > 0, f"--log-every must be positive (got {cfg.log_every})"),
+        (not (cfg.nesterov and cfg.optimizer != "sgd"), "--nesterov applies to --optimizer sgd only"),
+        (not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    return cfg
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    return validate(TrainConfig(**vars(args)))
+
+
+def load_config(path) -> TrainConfig:
+    """A config.json written by a run (e.g. to check a resumed run matches)."""
+    with open(path) as f:
+        raw = json.load(f)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in raw.items() if k in known})

@@ -1,0 +1,234 @@
+"""Streaming loader: exact, resumable sample ranges over WebDataset shards.
+
+Every epoch the shards of a split are put in a seeded order and seen as one virtual stream of
+samples. Each process takes an equal contiguous slice of it (so every rank yields the same number of
+batches, whatever the shard count), each loader worker a batch-aligned part of that slice. The
+per-shard counts in index.json say where each slice starts, so a worker opens only the shards its
+slice touches, and a resumed run starts at sample k directly instead of reading and dropping k
+samples.
+
+Batches leave the workers as uint8 NHWC tensors (4x fewer bytes than float32); crop, flip and
+normalisation happen on the training device (resnet_dist.augment).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .errors import DataError
+from .index import DatasetIndex, SplitInfo
+from .storage import open_shard
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Read `take` samples of shard `file`, after skipping its first `skip` samples."""
+
+    file: str
+    skip: int
+    take: int
+
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Shard order of one epoch: a permutation seeded by (seed, epoch), so every rank agrees on it."""
+    if not shuffle:
+        return list(range(num_shards))
+    return np.random.default_rng([seed, epoch, 0x5A4D]).permutation(num_shards).tolist()
+
+
+def pieces_for_range(split: SplitInfo, order: list[int], start: int, stop: int) -> list[Piece]:
+    """Pieces of shards covering samples [start, stop) of the stream made by `order`."""
+    pieces, offset = [], 0
+    for i in order:
+        shard = split.shards[i]
+        lo, hi = max(start, offset), min(stop, offset + shard.num_samples)
+        if lo < hi:
+            pieces.append(Piece(shard.file, lo - offset, hi - lo))
+        offset += shard.num_samples
+        if offset >= stop:
+            break
+    return pieces
+
+
+def train_steps_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Micro-batches per rank per epoch: equal on every rank, a whole number of optimizer steps."""
+    return num_samples // (batch_size * world_size * grad_accum) * grad_accum
+
+
+def worker_batches(num_batches: int, worker: int, num_workers: int) -> range:
+    """Which of a rank's batches a worker makes: every num_workers-th, the DataLoader's round-robin order."""
+    return range(worker, num_batches, num_workers)
+
+
+def decode_image(data: bytes, channels: int, size: tuple[int, int], where: str) -> np.ndarray:
+    """Encoded image -> uint8 HxWxC in the dataset's channel count."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(img, dtype=np.uint8)
+    except Exception as exc:  # PIL raises many types for damaged data
+        raise DataError(f"{where}: image does not decode ({exc})") from exc
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.shape[:2] != tuple(size):
+        raise DataError(f"{where}: image is {array.shape[1]}x{array.shape[0]}, index says {size[1]}x{size[0]}")
+    return array
+
+
+def decode_sample(sample: dict, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, int]:
+    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None or "cls" not in sample:
+        raise DataError(f"{where}: sample lacks an image or a cls entry (has {sorted(sample)})")
+    return decode_image(sample[ext], channels, size, where), int(sample["cls"])
+
+
+def read_piece(base: str, piece: Piece) -> Iterator[dict]:
+    """The raw samples of one piece, read with webdataset's tar iterator; skipped samples are not copied."""
+    seen = {"key": None, "n": 0}
+
+    def wanted(fname: str) -> bool:  # counts keys as the tar streams past; members of skipped keys are not read
+        key = fname.split("/")[-1].split(".", 1)[0]
+        if key != seen["key"]:
+            seen["key"], seen["n"] = key, seen["n"] + 1
+        return piece.skip < seen["n"] <= piece.skip + piece.take
+
+    stream = open_shard(base, piece.file)
+    try:
+        files = wds.tariterators.tar_file_expander([{"url": piece.file, "stream": stream}], select_files=wanted)
+        taken = 0
+        for sample in wds.tariterators.group_by_keys(files):
+            yield sample
+            taken += 1
+            if taken == piece.take:
+                return
+        raise DataError(f"{piece.file}: ended after {piece.skip + taken} samples; index.json promises more")
+    finally:
+        stream.close()
+
+
+def block_shuffle(samples: Iterator[dict], block: int, seed: list[int], first_block: int,
+                  drop: int) -> Iterator[dict]:
+    """Shuffle within consecutive blocks of `block` samples, then drop the first `drop` of the result.
+
+    A sliding shuffle buffer's output depends on everything read before; fixed blocks, each with its
+    own seed, do not. That makes resuming at sample k exact: start at k's block, shuffle it the same
+    way, drop the head.
+    """
+    buffer: list[dict] = []
+    block_no = first_block
+
+    def flush() -> Iterator[dict]:
+        nonlocal drop, block_no
+        order = np.random.default_rng(seed + [block_no]).permutation(len(buffer))
+        block_no += 1
+        for i in order:
+            if drop:
+                drop -= 1
+            else:
+                yield buffer[i]
+        buffer.clear()
+
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) == block:
+            yield from flush()
+    yield from flush()
+
+
+def collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(np.stack([image for image, _ in items]))
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    return images, labels
+
+
+class ShardStream(IterableDataset):
+    """One rank's batches of one split for one epoch: uint8 NHWC images and int64 labels.
+
+    train=True: seeded shard order, block shuffle, exactly `num_batches` full batches on every rank
+    (the tail that does not fill a batch on every rank is left for other epochs' orders).
+    train=False: the split in file order, ranks take contiguous near-equal slices, the last batch may be
+    short: every sample is seen exactly once across all ranks.
+    """
+
+    def __init__(self, base: str, index: DatasetIndex, split: str, *, batch_size: int, rank: int,
+                 world_size: int, train: bool, seed: int = 0, grad_accum: int = 1, shuffle_block: int = 2048):
+        self.base, self.index, self.split_name = base, index, split
+        self.split = index.splits[split]
+        self.batch_size, self.rank, self.world_size, self.train = batch_size, rank, world_size, train
+        self.seed, self.shuffle_block = seed, shuffle_block
+        if train:
+            self.num_batches = train_steps_per_epoch(self.split.num_samples, batch_size, world_size, grad_accum)
+            per_rank = self.num_batches * batch_size
+            self.rank_start, self.rank_stop = rank * per_rank, (rank + 1) * per_rank
+        else:
+            n = self.split.num_samples
+            self.rank_start, self.rank_stop = rank * n // world_size, (rank + 1) * n // world_size
+            self.num_batches = math.ceil((self.rank_stop - self.rank_start) / batch_size)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Next iteration yields this epoch's batches from batch `start_batch` on (mid-epoch resume)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker, num_workers = self._worker()
+        mine = worker_batches(self.num_batches, worker, num_workers)
+        done = len(worker_batches(self.start_batch, worker, num_workers))
+        # This worker's samples: a contiguous run of the rank's slice, its batches in order.
+        first = sum(len(worker_batches(self.num_batches, w, num_workers)) for w in range(worker))
+        begin = self.rank_start + first * self.batch_size
+        end = min(begin + len(mine) * self.batch_size, self.rank_stop)
+        skip = done * self.batch_size
+        order = epoch_shard_order(len(self.split.shards), self.seed, self.epoch, self.train)
+        if self.train:
+            first_block = skip // self.shuffle_block
+            raw = self._read(order, begin + first_block * self.shuffle_block, end)
+            seed = [self.seed, self.epoch, self.rank, worker]
+            samples = block_shuffle(raw, self.shuffle_block, seed, first_block, drop=skip % self.shuffle_block)
+        else:
+            samples = self._read(order, begin + skip, end)
+        yield from self._batches(samples)
+
+    def _read(self, order: list[int], start: int, stop: int) -> Iterator[dict]:
+        for piece in pieces_for_range(self.split, order, start, stop):
+            yield from read_piece(self.base, piece)
+
+    def _batches(self, samples: Iterator[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        size, channels = tuple(self.index.image_size), self.index.channels
+        batch = []
+        for sample in samples:
+            batch.append(decode_sample(sample, channels, size))
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
+        if batch:
+            yield collate(batch)
+
+
+def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over a ShardStream: batches are made in the workers, so batch_size=None here.
+
+    Workers are re-created each epoch (not persistent) so they pick up set_epoch(); with fork that
+    costs milliseconds.
+    """
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if num_workers else None, persistent_workers=False)

@@ -1,0 +1,199 @@
+"""Training and evaluation: the train step, one epoch, evaluation, and the fit loop around them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+
+from .augment import BatchAugment
+from .config import TrainConfig
+from .data import ShardStream, make_loader
+from .distributed import check_world_size
+from .errors import UsageError
+from .index import DatasetIndex
+from .tracking import Meter, Reporter
+
+# Settings a resumed run must share with its checkpoint: they fix the model, the data order or the
+# schedule, so changing them would silently make a different run.
+RESUME_MUST_MATCH = ("data", "model", "stem", "width", "dropout", "epochs", "batch_size", "grad_accum",
+                     "optimizer", "schedule", "seed", "num_workers", "shuffle_block", "sync_bn")
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    index: DatasetIndex
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    augment: BatchAugment
+    train: ShardStream
+    evals: dict[str, ShardStream]
+    reporter: Reporter
+    run_dir: Path
+    val_split: str | None
+    epoch: int = 0
+    batch: int = 0               # micro-batches done in `epoch` (a multiple of grad_accum)
+    global_step: int = 0         # optimizer steps done
+    best_val: float = -1.0
+    history: list[dict] = field(default_factory=list)
+    wandb_id: str = ""
+
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        return self.train.num_batches // self.cfg.grad_accum
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.accelerator.num_processes * self.cfg.grad_accum
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """Accelerate sets up DDP, mixed precision and accumulation; we only pick CPU explicitly."""
+    on_cpu = not torch.cuda.is_available()
+    ddp = DistributedDataParallelKwargs(
+        gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy less per step
+        bucket_cap_mb=25)              # torch's default; overlaps all-reduce with the backward pass
+    accelerator = Accelerator(
+        cpu=on_cpu,  # without it, a CPU-only launch of N processes gives N runs of world size 1
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=None if cfg.wandb_mode == "disabled" else "wandb",
+        project_dir=cfg.out,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[ddp])
+    check_world_size(accelerator)
+    if on_cpu and accelerator.mixed_precision == "fp16":
+        raise UsageError("fp16 mixed precision has no autocast on CPU; use --mixed_precision bf16 or no")
+    return accelerator
+
+
+def seed_step(seed: int, epoch: int, batch: int, rank: int, generator: torch.Generator) -> None:
+    """Seed dropout and augmentation from the step's coordinates: a resumed run draws the same numbers."""
+    value = int(np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1)[0])
+    torch.manual_seed(value)
+    generator.manual_seed(value)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+    """One micro-batch: augment on the device, forward, backward; an optimizer step on the last of K."""
+    acc, cfg = run.accelerator, run.cfg
+    x = run.augment.train(images, generator)
+    with acc.accumulate(run.model):
+        with acc.autocast():
+            logits = run.model(x)
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        acc.backward(loss)
+        run.optimizer.step()
+        if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+            run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), (logits.argmax(1) == labels).sum()
+
+
+def train_one_epoch(run: Run) -> dict:
+    """Train from micro-batch `run.batch` to the end of `run.epoch` (or until --max-steps)."""
+    acc, cfg = run.accelerator, run.cfg
+    run.model.train()
+    run.train.set_epoch(run.epoch, run.batch)
+    loader = make_loader(run.train, cfg.num_workers, pin_memory=acc.device.type == "cuda")
+    generator = torch.Generator()
+    meter, window = Meter(), Meter()
+    loss_sum = torch.zeros((), device=acc.device)
+    correct = torch.zeros((), dtype=torch.int64, device=acc.device)
+    seen = 0
+    run.reporter.start_epoch(run.epoch, cfg.epochs, run.train.num_batches, run.batch)
+    it = iter(loader)
+    while run.batch < run.train.num_batches and not run_is_done(run):
+        t0 = time.perf_counter()
+        images, labels = next(it)
+        images = images.to(acc.device, non_blocking=True)
+        labels = labels.to(acc.device, non_blocking=True)
+        wait = time.perf_counter() - t0
+        meter.add_wait(wait)
+        window.add_wait(wait)
+        seed_step(cfg.seed, run.epoch, run.batch, acc.process_index, generator)
+        loss, hits = train_step(run, images, labels, generator)
+        loss_sum += loss * labels.shape[0]
+        correct += hits
+        seen += labels.shape[0]
+        meter.add_images(labels.shape[0])
+        window.add_images(labels.shape[0])
+        run.batch += 1
+        run.reporter.step(1)
+        if acc.sync_gradients:
+            run.global_step += 1
+            if run.global_step % cfg.log_every == 0:
+                log_train(run, loss, window)
+                window.reset()
+    del it, loader
+    run.reporter.end_epoch()
+    totals = acc.reduce(torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=acc.device)]),
+                        reduction="sum")
+    n = max(totals[2].item(), 1.0)
+    return {"train_loss": totals[0].item() / n, "train_top1": totals[1].item() / n,
+            "img_per_s": meter.rate * acc.num_processes, "data_wait": meter.wait_fraction,
+            "epoch_seconds": meter.elapsed}
+
+
+def run_is_done(run: Run) -> bool:
+    return bool(run.cfg.max_steps) and run.global_step >= run.cfg.max_steps
+
+
+def log_train(run: Run, loss: torch.Tensor, window: Meter) -> None:
+    """Per-step metrics. Every rank takes part in the reduce; only the main process logs."""
+    acc = run.accelerator
+    mean_loss = acc.reduce(loss.float(), reduction="mean").item()
+    lr = run.optimizer.param_groups[0]["lr"]
+    metrics = {"train/loss": mean_loss, "train/lr": lr, "perf/img_per_s": window.rate * acc.num_processes,
+               "perf/img_per_s_per_process": window.rate, "perf/data_wait_fraction": window.wait_fraction,
+               "epoch": run.epoch + run.batch / run.train.num_batches}
+    acc.log(metrics, step=run.global_step)
+    stats = (f"loss {mean_loss:.4f}  lr {lr:.4g}  {metrics['perf/img_per_s']:.0f} img/s  "
+             f"data wait {window.wait_fraction:.0%}")
+    run.reporter.step(0, stats)
+    run.reporter.log_line(f"epoch {run.epoch + 1} step {run.global_step}: {stats}")
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, stream: ShardStream, augment: BatchAugment,
+             num_workers: int, num_classes: int) -> dict:
+    """Exact metrics over a split: each rank counts its own slice, then one all-reduce of the sums.
+
+    The unwrapped model runs in eval mode, so no collective happens per batch and ranks may run
+    different numbers of batches.
+    """
+    model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for images, labels in make_loader(stream, num_workers, pin_memory=device.type == "cuda"):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with accelerator.autocast():
+            logits = model(augment.eval(images)).float()
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                             topk_correct(logits, labels, 1).double(), topk_correct(logits, labels, 5).double(),
+                             torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+        confusion.index_put_((labels, logits.argmax(1)), torch.ones_like(labels), accumulate=True)
+    model.train(was_training)
+    sums = accelerator.reduce(sums, reduction="sum")
+    confusion = accelerator.reduce(confusion, reduction="sum")
+    n = max(sums[3].item(), 1.0)
+    return {"loss": sums[0].item() / n, "top1": sums[1].item() / n, "top5": sums[2].item() / n,
+            "count": int(sums[3].item()), "confusion": confusion.cpu().tolist()}

@@ -1,0 +1,51 @@
+"""Optimizers and learning-rate schedules, all counted in optimizer steps (not micro-batches)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def build_optimizer(cfg, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr after `step` optimizer steps out of `total`.
+
+    Linear warm-up from ~0 over `warmup` steps, then: cosine to 0; step (x0.1 at 50% and 75%, the
+    ResNet paper's milestones scaled to the run); none (constant).
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule == "step":
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    return 1.0
+
+
+def build_scheduler(cfg, optimizer, total_steps: int, steps_per_epoch: int):
+    """A scheduler stepped once per optimizer step, by the training loop itself.
+
+    It is deliberately not passed through accelerator.prepare: AcceleratedScheduler steps once per
+    process per call unless told otherwise, which would run the schedule num_processes times too fast.
+    """
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        # Rising phase: the warm-up if given, else 25% of the run (Smith & Topin's super-convergence).
+        pct = min(0.9, warmup / total_steps) if warmup else 0.25
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 2), pct_start=pct,
+            cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.schedule))

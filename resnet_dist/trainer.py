@@ -1,0 +1,206 @@
+"""The fit loop: set a run up (or resume it), train epoch by epoch, evaluate, checkpoint, report."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from .augment import BatchAugment
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from .config import TrainConfig
+from .data import ShardStream
+from .distributed import convert_sync_batchnorm
+from .engine import RESUME_MUST_MATCH, Run, evaluate, make_accelerator, run_is_done, train_one_epoch
+from .errors import UsageError
+from .models import build_model, count_parameters
+from .optim import build_optimizer, build_scheduler
+from .storage import check_shards, read_index
+from .tracking import Reporter, plot_history, wandb_init_kwargs, write_history
+
+
+def pick_splits(cfg: TrainConfig, splits: dict) -> tuple[str | None, list[str]]:
+    """(split that picks the best checkpoint, splits evaluated): val if there is one, else test."""
+    if "train" not in splits:
+        raise UsageError(f"{cfg.data}: index.json has no 'train' split (has {', '.join(splits)})")
+    evals = [s for s in ("val", "test") if s in splits]
+    return (evals[0] if evals else None), evals
+
+
+def check_fits(cfg: TrainConfig, index, world_size: int) -> None:
+    h, w = index.image_size
+    if cfg.crop_padding >= min(h, w):
+        raise UsageError(f"--crop-padding {cfg.crop_padding} makes no sense for {h}x{w} images")
+    steps = index.splits["train"].num_samples // (cfg.batch_size * world_size * cfg.grad_accum)
+    if steps == 0:
+        raise UsageError(f"global batch {cfg.batch_size}x{world_size}x{cfg.grad_accum} is larger than the "
+                         f"{index.splits['train'].num_samples} train samples: lower --batch-size or --grad-accum")
+
+
+def build(cfg: TrainConfig, index, accelerator) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
+    model = build_model(cfg.model, num_classes=index.num_classes, in_channels=index.channels, stem=cfg.stem,
+                        width=cfg.width, dropout=cfg.dropout, zero_init_residual=cfg.zero_init_residual)
+    if cfg.sync_bn and accelerator.num_processes > 1:
+        model = convert_sync_batchnorm(model.to(accelerator.device))  # before prepare(), as DDP requires
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model.parameters())
+    return model, optimizer
+
+
+def setup(cfg: TrainConfig) -> Run:
+    accelerator = make_accelerator(cfg)
+    run_dir = Path(cfg.out)
+    index = read_index(cfg.data)
+    val_split, eval_splits = pick_splits(cfg, index.splits)
+    check_shards(cfg.data, index, ["train", *eval_splits])
+    check_fits(cfg, index, accelerator.num_processes)
+    last = find_checkpoint(run_dir / "checkpoints" / "last")
+    if last is not None and not cfg.resume:
+        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    model, optimizer = build(cfg, index, accelerator)
+    common = dict(batch_size=cfg.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    train = ShardStream(cfg.data, index, "train", train=True, seed=cfg.seed, grad_accum=cfg.grad_accum,
+                        shuffle_block=cfg.shuffle_block, **common)
+    evals = {s: ShardStream(cfg.data, index, s, train=False, **common) for s in eval_splits}
+    steps_per_epoch = train.num_batches // cfg.grad_accum
+    scheduler = build_scheduler(cfg, optimizer, cfg.epochs * steps_per_epoch, steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    augment = BatchAugment(index.mean, index.std, accelerator.device, cfg.crop_padding, cfg.flip, cfg.channels_last)
+    run = Run(cfg, accelerator, index, model, optimizer, scheduler, augment, train, evals,
+              Reporter(accelerator.is_main_process), run_dir, val_split)
+    if last is not None:
+        restore(run, last)
+    else:
+        run.wandb_id = uuid.uuid4().hex[:12]
+    return run
+
+
+def restore(run: Run, folder: Path) -> None:
+    """Continue from a checkpoint: weights, optimizer, schedule, counters, history."""
+    weights, state, meta = load_checkpoint(folder)
+    saved = meta.get("config", {})
+    changed = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(run.cfg, k)]
+    if meta.get("world_size") != run.accelerator.num_processes:
+        changed.append(f"world size ({meta.get('world_size')} -> {run.accelerator.num_processes})")
+    if changed:
+        raise UsageError(f"cannot resume {folder}: these settings differ from the checkpoint's: {', '.join(changed)}")
+    run.accelerator.unwrap_model(run.model).load_state_dict(weights)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler") is not None and run.accelerator.scaler is not None:
+        run.accelerator.scaler.load_state_dict(state["scaler"])
+    run.epoch, run.batch, run.global_step = state["epoch"], state["batch"], state["global_step"]
+    run.best_val, run.history, run.wandb_id = state["best_val"], list(state["history"]), meta["wandb_id"]
+    run.reporter.line(f"resumed from {folder}: epoch {run.epoch + 1}, micro-batch {run.batch}, "
+                      f"optimizer step {run.global_step}")
+
+
+def save(run: Run, name: str, metrics: dict | None = None) -> None:
+    """Checkpoint `name` (last/best) from the main process; every rank waits so none runs ahead."""
+    acc = run.accelerator
+    if acc.is_main_process:
+        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                 "epoch": run.epoch, "batch": run.batch, "global_step": run.global_step,
+                 "best_val": run.best_val, "history": run.history}
+        meta = {"epoch": run.epoch, "batch": run.batch, "global_step": run.global_step,
+                "world_size": acc.num_processes, "wandb_id": run.wandb_id, "metrics": metrics or {},
+                "config": run.cfg.to_dict(), "classes": run.index.classes,
+                "mean": run.index.mean, "std": run.index.std}
+        save_checkpoint(run.run_dir / "checkpoints" / name, acc.unwrap_model(run.model), state, meta)
+    acc.wait_for_everyone()
+
+
+def evaluate_split(run: Run, split: str) -> dict:
+    return evaluate(run.accelerator, run.model, run.evals[split], run.augment, run.cfg.num_workers,
+                    run.index.num_classes)
+
+
+def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
+    """Validate and record the epoch; say whether val top-1 improved."""
+    row = {"epoch": run.epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], **train_metrics,
+           "steps": run.global_step, "complete": run.batch >= run.train.num_batches}
+    if run.val_split:
+        val = evaluate_split(run, run.val_split)
+        row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_count=val["count"])
+    if run.history and run.history[-1]["epoch"] == row["epoch"]:
+        run.history.pop()  # a resumed epoch replaces the row of its interrupted part
+    run.history.append(row)
+    run.accelerator.log({f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")} |
+                        {"train/epoch_loss": row["train_loss"], "train/top1": row["train_top1"],
+                         "perf/epoch_img_per_s": row["img_per_s"], "perf/epoch_data_wait": row["data_wait"],
+                         "epoch": row["epoch"]}, step=run.global_step)
+    improved = run.val_split is not None and row["val_top1"] > run.best_val
+    if improved:
+        run.best_val = row["val_top1"]
+    run.reporter.line(epoch_line(row))
+    return row, improved
+
+
+def epoch_line(row: dict) -> str:
+    val = f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}" \
+        if "val_top1" in row else ""
+    return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}{val}  "
+            f"{row['img_per_s']:.0f} img/s  data wait {row['data_wait']:.0%}  {row['epoch_seconds']:.1f} s")
+
+
+def fit(cfg: TrainConfig) -> dict:
+    """Train per `cfg`; return the run summary (also written to RUN_DIR/summary.json)."""
+    run = setup(cfg)
+    acc, started = run.accelerator, time.time()
+    if acc.is_main_process:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.run_dir / "config.json", cfg.to_dict())
+    acc.init_trackers(cfg.wandb_project, config=cfg.to_dict() | {"world_size": acc.num_processes,
+                                                                 "global_batch": run.global_batch},
+                      init_kwargs=wandb_init_kwargs(run.run_dir, cfg.wandb_mode, run.wandb_id, run.run_dir.name))
+    announce(run)
+    while run.epoch < cfg.epochs and not run_is_done(run):
+        row, improved = end_epoch(run, train_one_epoch(run))
+        if row["complete"]:
+            run.epoch, run.batch = run.epoch + 1, 0
+        save(run, "last", row)
+        if improved:
+            save(run, "best", row)
+        if acc.is_main_process:
+            write_history(run.run_dir, run.history)
+            plot_history(run.run_dir, run.history)
+    summary = finish(run, time.time() - started)
+    acc.end_training()  # closes W&B and destroys the process group (a live gloo group can abort at exit)
+    return summary
+
+
+def announce(run: Run) -> None:
+    acc, cfg = run.accelerator, run.cfg
+    params = count_parameters(acc.unwrap_model(run.model))
+    run.reporter.line(
+        f"{cfg.model} ({params:,} parameters) on {run.index.source}: {acc.num_processes} process(es) on "
+        f"{acc.device.type}, mixed precision {acc.mixed_precision}, global batch {run.global_batch} "
+        f"({cfg.batch_size} x {acc.num_processes} processes x {cfg.grad_accum} accumulation), "
+        f"{run.train.num_batches} micro-batches per rank per epoch")
+
+
+def finish(run: Run, wall: float) -> dict:
+    acc, cfg = run.accelerator, run.cfg
+    last = run.history[-1] if run.history else {}
+    summary = {"world_size": acc.num_processes, "global_batch": run.global_batch,
+               "mixed_precision": acc.mixed_precision, "epochs_done": run.epoch, "steps_done": run.global_step,
+               "best_val_top1": run.best_val if run.best_val >= 0 else None,
+               "final_val_top1": last.get("val_top1"), "val_split": run.val_split,
+               "train_img_per_s": last.get("img_per_s"), "wall_seconds": round(wall, 1),
+               "eval_counts": {}}
+    if "val_count" in last:
+        summary["eval_counts"][run.val_split] = last["val_count"]
+    if "test" in run.evals:
+        test = evaluate_split(run, "test")
+        summary.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
+        summary["eval_counts"]["test"] = test["count"]
+    acc.log({f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}, step=run.global_step)
+    if acc.is_main_process:
+        write_json_atomic(run.run_dir / "summary.json", summary)
+        run.reporter.table("resnet-dist run summary", {k: v for k, v in summary.items() if v is not None})
+    return summary
