@@ -90,7 +90,7 @@ class CPUSyncBatchNorm(_BatchNorm):
         total = _AllReduceSum.apply(local, self.process_group or dist.group.WORLD)
         c = self.num_features
         n = total[2 * c]
-        if n.item() <= 1:
+        if not torch.compiler.is_compiling() and n.item() <= 1:  # .item() would break a compiled graph
             raise ValueError(f"expected more than 1 value per channel when training, got {int(n.item())} globally")
         mean = total[:c] / n
         var = (total[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises with
