@@ -30,7 +30,7 @@ class TrainConfig:
     model: str = opt("resnet18", "architecture", MODELS)
     stem: str = opt("cifar", "cifar: 3x3 stride 1, no max-pool (small images); imagenet: 7x7 stride 2 + max-pool",
                     ("cifar", "imagenet"))
-    width: int = opt(64, "base channels of the first stage (torchvision: 64)")
+    width: int = opt(0, "base channels of the first stage; 0: the model's own (ResNets 64 as torchvision, simple_cnn 32)")
     dropout: float = opt(0.0, "dropout before the classifier")
     zero_init_residual: bool = opt(False, "zero the last BN of each residual block so blocks start as identity")
     # optimisation
@@ -90,7 +90,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.batch_size > 0, f"--batch-size must be positive (got {cfg.batch_size})"),
         (cfg.grad_accum > 0, f"--grad-accum must be at least 1 (got {cfg.grad_accum})"),
         (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
-        (cfg.width > 0, f"--width must be positive (got {cfg.width})"),
+        (cfg.width >= 0, f"--width must be positive, or 0 for the model's default (got {cfg.width})"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1) (got {cfg.dropout})"),
         (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1) (got {cfg.momentum})"),
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0 (got {cfg.weight_decay})"),

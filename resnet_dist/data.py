@@ -186,8 +186,12 @@ class ShardStream(IterableDataset):
         return self.num_batches - self.start_batch
 
     def _worker(self) -> tuple[int, int]:
+        """(logical worker, workers). The DataLoader asks worker 0 first; after a resume at batch k the
+        next batch belongs to logical worker k % workers, so roles rotate by k."""
         info = get_worker_info()
-        return (info.id, info.num_workers) if info else (0, 1)
+        if info is None:
+            return 0, 1
+        return (info.id + self.start_batch) % info.num_workers, info.num_workers
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker, num_workers = self._worker()

@@ -42,7 +42,7 @@ def check_fits(cfg: TrainConfig, index, world_size: int) -> None:
 def build(cfg: TrainConfig, index, accelerator) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
     model = build_model(cfg.model, num_classes=index.num_classes, in_channels=index.channels, stem=cfg.stem,
-                        width=cfg.width, dropout=cfg.dropout, zero_init_residual=cfg.zero_init_residual)
+                        width=cfg.width or None, dropout=cfg.dropout, zero_init_residual=cfg.zero_init_residual)
     if cfg.sync_bn and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model.to(accelerator.device))  # before prepare(), as DDP requires
     if cfg.channels_last:

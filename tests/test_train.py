@@ -1,0 +1,128 @@
+"""End to end: real `accelerate launch` runs with 2 CPU processes (gloo) on real shards."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, launch, read_json, shard, train
+from wandb_log import history, run_file
+
+pytestmark = pytest.mark.slow
+TINY = ["--width", "8", "--batch-size", "16", "--lr", "0.05", "--num-workers", "1", "--log-every", "5"]
+
+
+def ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(synthetic_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "r"
+    result = ok(train("--data", str(synthetic_shards), "--out", str(out), "--epochs", "2", *TINY))
+    return out, result
+
+
+def test_run_writes_every_output(two_epoch_run):
+    out, _ = two_epoch_run
+    summary = read_json(out / "summary.json")
+    assert summary["world_size"] == 2 and summary["global_batch"] == 32
+    assert summary["epochs_done"] == 2 and summary["steps_done"] == 2 * (540 // 32)
+    assert summary["eval_counts"] == {"val": 60, "test": 120}  # every eval sample counted once across ranks
+    assert summary["best_val_top1"] > 0.4 and summary["test_top1"] > 0.4  # chance is 0.25: the signal is learnt
+    hist = read_json(out / "history.json")
+    assert [h["epoch"] for h in hist] == [1, 2]
+    for key in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "data_wait", "epoch_seconds"):
+        assert all(key in h for h in hist), key
+    assert read_json(out / "config.json")["epochs"] == 2
+    for name in ("loss", "accuracy", "lr"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    for ckpt in ("last", "best"):
+        weights = load_file(out / "checkpoints" / ckpt / "model.safetensors")
+        assert "fc.weight" in weights
+        state = torch.load(out / "checkpoints" / ckpt / "state.pt", weights_only=True)
+        assert {"optimizer", "scheduler", "epoch", "history"} <= set(state)
+
+
+def test_only_the_main_process_prints(two_epoch_run):
+    _, result = two_epoch_run
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("epoch 1:") for line in lines) == 1
+    assert sum("parameters) on synthetic: 2 process(es)" in line for line in lines) == 1
+
+
+def test_wandb_offline_run_holds_throughput_and_accuracy(two_epoch_run):
+    out, _ = two_epoch_run
+    rows = history(run_file(out))
+    keys = set().union(*rows)
+    for key in ("train/loss", "train/lr", "perf/img_per_s", "perf/img_per_s_per_process",
+                "perf/data_wait_fraction", "val/top1", "val/top5", "val/loss"):
+        assert key in keys, key
+    assert max(r["val/top1"] for r in rows if "val/top1" in r) == read_json(out / "summary.json")["best_val_top1"]
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "ds"
+    ok(shard("synthetic", "--out", str(out), "--num-classes", "3", "--image-size", "8", "--num-samples", "203",
+             "--shard-size", "10000", "--val-fraction", "0.1", "--seed", "2"))
+    return out
+
+
+def test_one_shard_two_processes_two_workers(one_shard, tmp_path):
+    """Fewer shards than processes x workers: equal batch counts, no sample twice, and no DDP hang."""
+    ok(launch(ROOT / "tests" / "scripts" / "rank_batches.py", str(one_shard), str(tmp_path), "2", "8"))
+    ranks = [read_json(tmp_path / f"rank-{r}.json") for r in (0, 1)]
+    train_n = read_json(one_shard / "index.json")["splits"]["train"]["num_samples"]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["batches"] == ranks[1]["batches"] == train_n // 16
+    seen = ranks[0]["images"] + ranks[1]["images"]
+    assert len(seen) == len(set(seen)) == train_n // 16 * 16
+    out = tmp_path / "run"
+    ok(train("--data", str(one_shard), "--out", str(out), "--epochs", "1", *TINY[:-4], "--num-workers", "2",
+             timeout=300))
+    assert read_json(out / "summary.json")["eval_counts"]["val"] == read_json(one_shard / "index.json")[
+        "splits"]["val"]["num_samples"]
+
+
+def test_grad_accum_equals_larger_batch(tmp_path):
+    ok(launch(ROOT / "tests" / "scripts" / "accum_check.py", str(tmp_path / "r.json")))
+    r = read_json(tmp_path / "r.json")
+    assert r["world_size"] == 2
+    assert r["moved"] > 1e-3  # the weights did train
+    assert r["max_diff"] < 1e-6
+    assert r["sched_steps_accum"] == r["sched_steps_big"] == 2  # once per optimizer step, not per micro-batch
+
+
+def test_resume_mid_epoch_continues_and_matches_uninterrupted(synthetic_shards, tmp_path):
+    args = ["--data", str(synthetic_shards), "--epochs", "2", "--grad-accum", "2", *TINY]
+    ok(train(*args, "--out", str(tmp_path / "full")))
+    ok(train(*args, "--out", str(tmp_path / "cut"), "--max-steps", "5"))  # stops mid-epoch 1
+    assert read_json(tmp_path / "cut" / "summary.json")["steps_done"] == 5
+    again = train(*args, "--out", str(tmp_path / "cut"))
+    assert again.returncode != 0  # an existing run is never overwritten; the error is stderr's first line
+    assert again.stderr.splitlines()[0].startswith("error: ") and "--resume" in again.stderr.splitlines()[0]
+    ok(train(*args, "--out", str(tmp_path / "cut"), "--resume"))
+    full, cut = read_json(tmp_path / "full" / "summary.json"), read_json(tmp_path / "cut" / "summary.json")
+    assert cut["steps_done"] == full["steps_done"] == 2 * (540 // 64)
+    assert [h["epoch"] for h in read_json(tmp_path / "cut" / "history.json")] == [1, 2]
+    a = load_file(tmp_path / "full" / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "last" / "model.safetensors")
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-6
+
+
+def test_sync_bn_and_bf16_run(synthetic_shards, tmp_path):
+    out = tmp_path / "r"
+    ok(train("--data", str(synthetic_shards), "--out", str(out), "--epochs", "1", "--sync-bn", *TINY,
+             mixed_precision="bf16"))
+    summary = read_json(out / "summary.json")
+    assert summary["mixed_precision"] == "bf16" and summary["world_size"] == 2
+
+
+def test_fp16_on_cpu_is_refused_in_one_line(synthetic_shards, tmp_path):
+    result = train("--data", str(synthetic_shards), "--out", str(tmp_path / "r"), *TINY, mixed_precision="fp16")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: fp16 mixed precision has no autocast on CPU; use --mixed_precision bf16 or no"]
