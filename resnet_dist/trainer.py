@@ -203,4 +203,7 @@ def finish(run: Run, wall: float) -> dict:
     if acc.is_main_process:
         write_json_atomic(run.run_dir / "summary.json", summary)
         run.reporter.table("resnet-dist run summary", {k: v for k, v in summary.items() if v is not None})
+        if "test_top1" in summary:
+            run.reporter.line(f"test top-1 {summary['test_top1']:.2%} on {summary['eval_counts']['test']:,} images; "
+                              f"run folder {run.run_dir}")
     return summary
