@@ -199,8 +199,10 @@ def finish(run: Run, wall: float) -> dict:
         test = evaluate_split(run, "test")
         summary.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
         summary["eval_counts"]["test"] = test["count"]
-    acc.log({f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}, step=run.global_step)
     if acc.is_main_process:
+        if run.cfg.wandb_mode != "disabled":  # the W&B run's summary, not one more history row
+            acc.get_tracker("wandb", unwrap=True).summary.update(
+                {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
         write_json_atomic(run.run_dir / "summary.json", summary)
         run.reporter.table("resnet-dist run summary", {k: v for k, v in summary.items() if v is not None})
         if "test_top1" in summary:

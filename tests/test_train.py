@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, launch, read_json, shard, train
-from wandb_log import history, run_file
+from wandb_log import config, history, run_file, summary
 
 pytestmark = pytest.mark.slow
 TINY = ["--width", "8", "--batch-size", "16", "--lr", "0.05", "--num-workers", "1", "--log-every", "5"]
@@ -61,6 +61,9 @@ def test_wandb_offline_run_holds_throughput_and_accuracy(two_epoch_run):
                 "perf/data_wait_fraction", "val/top1", "val/top5", "val/loss"):
         assert key in keys, key
     assert max(r["val/top1"] for r in rows if "val/top1" in r) == read_json(out / "summary.json")["best_val_top1"]
+    assert summary(run_file(out))["test_top1"] == read_json(out / "summary.json")["test_top1"]
+    cfg = config(run_file(out))
+    assert cfg["global_batch"] == 32 and cfg["world_size"] == 2
 
 
 @pytest.fixture(scope="module")

@@ -66,3 +66,26 @@ def run_file(run_dir: Path) -> Path:
     if not found:
         raise FileNotFoundError(f"no offline W&B run file under {run_dir}/wandb")
     return found[-1]
+
+
+def _items(items) -> dict:
+    import json
+
+    return {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in items}
+
+
+def summary(path: Path) -> dict:
+    """The run summary as the last summary records leave it."""
+    merged: dict = {}
+    for record in records(path):
+        if record.WhichOneof("record_type") == "summary":
+            merged.update(_items(record.summary.update))
+    return merged
+
+
+def config(path: Path) -> dict:
+    merged: dict = {}
+    for record in records(path):
+        if record.WhichOneof("record_type") == "config":
+            merged.update(_items(record.config.update))
+    return merged
