@@ -201,8 +201,10 @@ def finish(run: Run, wall: float) -> dict:
         summary["eval_counts"]["test"] = test["count"]
     if acc.is_main_process:
         if run.cfg.wandb_mode != "disabled":  # the W&B run's summary, not one more history row
-            acc.get_tracker("wandb", unwrap=True).summary.update(
-                {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+            wandb_run = acc.get_tracker("wandb", unwrap=True)
+            wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            if run.cfg.wandb_mode == "offline":
+                run.reporter.line(f"W&B offline run: upload it with `wandb sync {Path(wandb_run.dir).parent}`")
         write_json_atomic(run.run_dir / "summary.json", summary)
         run.reporter.table("resnet-dist run summary", {k: v for k, v in summary.items() if v is not None})
         if "test_top1" in summary:
