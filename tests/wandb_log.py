@@ -7,6 +7,7 @@ records, each with a 7-byte header (crc32, length, type) and possibly split acro
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -49,16 +50,30 @@ def records(path: Path):
         yield record
 
 
+def _items(items) -> dict:
+    return {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in items}
+
+
 def history(path: Path) -> list[dict]:
     """The rows logged with wandb.log (accelerator.log), values JSON-decoded."""
-    import json
+    return [_items(r.history.item) for r in records(path) if r.WhichOneof("record_type") == "history"]
 
-    rows = []
+
+def _merged(path: Path, kind: str) -> dict:
+    """A summary or config as its successive update records leave it."""
+    merged: dict = {}
     for record in records(path):
-        if record.WhichOneof("record_type") == "history":
-            rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
-                         for item in record.history.item})
-    return rows
+        if record.WhichOneof("record_type") == kind:
+            merged.update(_items(getattr(record, kind).update))
+    return merged
+
+
+def summary(path: Path) -> dict:
+    return _merged(path, "summary")
+
+
+def config(path: Path) -> dict:
+    return _merged(path, "config")
 
 
 def run_file(run_dir: Path) -> Path:
@@ -66,26 +81,3 @@ def run_file(run_dir: Path) -> Path:
     if not found:
         raise FileNotFoundError(f"no offline W&B run file under {run_dir}/wandb")
     return found[-1]
-
-
-def _items(items) -> dict:
-    import json
-
-    return {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in items}
-
-
-def summary(path: Path) -> dict:
-    """The run summary as the last summary records leave it."""
-    merged: dict = {}
-    for record in records(path):
-        if record.WhichOneof("record_type") == "summary":
-            merged.update(_items(record.summary.update))
-    return merged
-
-
-def config(path: Path) -> dict:
-    merged: dict = {}
-    for record in records(path):
-        if record.WhichOneof("record_type") == "config":
-            merged.update(_items(record.config.update))
-    return merged
