@@ -19,6 +19,16 @@ def fail(message: str) -> NoReturn:
     raise UsageError(message)
 
 
+def one_line(exc: Exception) -> str:
+    """The message of `exc`; for an error re-raised from a DataLoader worker, the worker's own message
+    (torch re-raises it with the worker's whole traceback prepended)."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
     """Run a command's main(); turn expected failures into one stderr line and a non-zero exit."""
     try:
@@ -26,7 +36,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except (UsageError, DataError) as exc:
         # Under a launcher every rank meets the same bad flag: one of them says so.
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -76,3 +76,26 @@ def test_not_a_shard_folder(tmp_path):
         read_index(str(tmp_path / "absent"))
     with pytest.raises(DataError, match="index.json"):
         read_index(str(tmp_path))
+
+
+def test_undecodable_image_while_training_is_one_line_naming_the_shard(synthetic_shards, tmp_path):
+    """A damaged image met by a loader worker ends the run with the worker's own message, not its traceback."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TRAIN, run_env
+
+    copy = tmp_path / "ds"
+    shutil.copytree(synthetic_shards, copy)
+    first = copy / read_index(str(copy)).splits["train"].shards[0].file
+    data = bytearray(first.read_bytes())
+    data[600:640] = bytes(b ^ 0xFF for b in data[600:640])  # inside the first PNG, size unchanged
+    first.write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, str(TRAIN), "--data", str(copy), "--out", str(tmp_path / "r"),
+                             "--width", "8", "--batch-size", "16", "--num-workers", "1", "--wandb-mode", "disabled"],
+                            capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {first.name}:{'train_00000000'}: image does not decode "
+        "(unrecognized data stream contents when reading image file)"]
