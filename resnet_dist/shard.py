@@ -17,6 +17,7 @@ import io
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import tarfile
 import time
@@ -426,6 +427,13 @@ def decide_geometry(
     return size, channels
 
 
+def ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group. A worker killed by it mid-task leaves Pool waiting
+    # forever for that result (the parent hung here); only the parent handles it, then terminates
+    # the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def imap(pool, fn, tasks: Iterable):
     return map(fn, tasks) if pool is None else pool.imap(fn, tasks)
 
@@ -515,7 +523,7 @@ def pack(args: argparse.Namespace) -> DatasetIndex:
     pool = None
     if args.workers > 1:
         # spawn: workers import only this module's needs, whatever the parent has loaded.
-        pool = multiprocessing.get_context("spawn").Pool(args.workers)
+        pool = multiprocessing.get_context("spawn").Pool(args.workers, initializer=ignore_sigint)
     try:
         if source.image_size is None or source.channels is None:
             if args.image_size and args.channels:

@@ -442,3 +442,30 @@ def test_real_fashion_mnist(tmp_path):
     labels = Counter(label(m) for _, m in read_split(out, "test"))
     assert labels == {c: 1000 for c in range(10)}
     shutil.rmtree(out)
+
+
+def test_ctrl_c_with_workers_exits_130_and_leaves_no_index(tmp_path):
+    """A real SIGINT to the process group, as Ctrl-C sends it, while pool workers are encoding."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resnet_dist.shard", "synthetic", "--num-samples", "40000", "--image-size", "16",
+         "--shard-size", "500", "--workers", "2", "--out", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # a terminal's Ctrl-C reaches processes whose SIGINT is not ignored (pytest's may be)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (out / "train-000000.tar").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("Ctrl-C left the packer hanging")
+    assert proc.returncode == 130 and err.strip() == "interrupted"
+    names = sorted(p.name for p in out.iterdir())
+    assert "index.json" not in names and not any(n.endswith(".tmp") for n in names)
