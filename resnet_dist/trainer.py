@@ -137,12 +137,12 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
     improved = run.val_split is not None and row["val_top1"] > run.best_val
     if improved:
         run.best_val = row["val_top1"]
-    run.reporter.line(epoch_line(row))
+    run.reporter.line(epoch_line(row, run.val_split))
     return row, improved
 
 
-def epoch_line(row: dict) -> str:
-    val = f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}" \
+def epoch_line(row: dict, split: str | None) -> str:
+    val = f"  {split} loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}" \
         if "val_top1" in row else ""
     return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}{val}  "
             f"{row['img_per_s']:.0f} img/s  data wait {row['data_wait']:.0%}  {row['epoch_seconds']:.1f} s")
@@ -182,6 +182,9 @@ def announce(run: Run) -> None:
         f"{acc.device.type}, mixed precision {acc.mixed_precision}, global batch {run.global_batch} "
         f"({cfg.batch_size} x {acc.num_processes} processes x {cfg.grad_accum} accumulation), "
         f"{run.train.num_batches} micro-batches per rank per epoch")
+    if run.val_split == "test":
+        run.reporter.line("note: the shards have no val split, so test picks the best checkpoint; "
+                          "pack with --val-fraction to keep test unseen")
 
 
 def finish(run: Run, wall: float) -> dict:
