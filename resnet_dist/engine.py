@@ -20,12 +20,6 @@ from .errors import UsageError
 from .index import DatasetIndex
 from .tracking import Meter, Reporter
 
-# Settings a resumed run must share with its checkpoint: they fix the model, the data order or the
-# schedule, so changing them would silently make a different run.
-RESUME_MUST_MATCH = ("data", "model", "stem", "width", "dropout", "epochs", "batch_size", "grad_accum",
-                     "optimizer", "schedule", "seed", "num_workers", "shuffle_block", "sync_bn")
-
-
 @dataclass
 class Run:
     """Everything the loop needs, built once by `setup`."""

@@ -13,12 +13,17 @@ from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, write
 from .config import TrainConfig
 from .data import ShardStream
 from .distributed import convert_sync_batchnorm
-from .engine import RESUME_MUST_MATCH, Run, evaluate, make_accelerator, run_is_done, train_one_epoch
+from .engine import Run, evaluate, make_accelerator, run_is_done, train_one_epoch
 from .errors import UsageError
 from .models import build_model, count_parameters
 from .optim import build_optimizer, build_scheduler
 from .storage import check_shards, read_index
 from .tracking import Reporter, plot_history, wandb_init_kwargs, write_history
+
+# Settings a resumed run must share with its checkpoint: they fix the model, the data order or the
+# schedule, so changing them would silently make a different run.
+RESUME_MUST_MATCH = ("data", "model", "stem", "width", "dropout", "epochs", "batch_size", "grad_accum",
+                     "optimizer", "schedule", "seed", "num_workers", "shuffle_block", "sync_bn")
 
 
 def pick_splits(cfg: TrainConfig, splits: dict) -> tuple[str | None, list[str]]:
@@ -188,7 +193,7 @@ def announce(run: Run) -> None:
 
 
 def finish(run: Run, wall: float) -> dict:
-    acc, cfg = run.accelerator, run.cfg
+    acc = run.accelerator
     last = run.history[-1] if run.history else {}
     summary = {"world_size": acc.num_processes, "global_batch": run.global_batch,
                "mixed_precision": acc.mixed_precision, "epochs_done": run.epoch, "steps_done": run.global_step,

@@ -1,7 +1,5 @@
 """End to end: real `accelerate launch` runs with 2 CPU processes (gloo) on real shards."""
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
