@@ -19,6 +19,12 @@ def fail(message: str) -> NoReturn:
     raise UsageError(message)
 
 
+def _say(message: str) -> None:
+    """stderr line from rank 0 only: under a launcher every rank meets the same bad flag or Ctrl-C."""
+    if os.environ.get("RANK", "0") == "0":
+        sys.stderr.write(message + "\n")
+
+
 def one_line(exc: Exception) -> str:
     """The message of `exc`; for an error re-raised from a DataLoader worker, the worker's own message
     (torch re-raises it with the worker's whole traceback prepended)."""
@@ -34,11 +40,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         code = main(argv)
     except (UsageError, DataError) as exc:
-        # Under a launcher every rank meets the same bad flag: one of them says so.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {one_line(exc)}", file=sys.stderr)
+        _say(f"error: {one_line(exc)}")
         code = 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         code = 130
     sys.exit(code or 0)
