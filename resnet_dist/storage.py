@@ -1,19 +1,49 @@
-"""Where shards live: a local folder or an http(s) URL prefix holding index.json and the tars."""
+"""Where shards live: a local folder or an http(s) URL prefix holding index.json and the tars.
+
+Over HTTP every request goes through `_retrying`: transient failures (refused or reset connections,
+bodies cut short, timeouts, 5xx, 408/429) are retried with capped exponential backoff and jitter;
+anything else, or running out of tries, is one DataError line naming the URL, the cause and the tries.
+The settings are environment variables read at call time, so DataLoader worker processes (which
+inherit the environment, not this module's state) see the same values as the main process.
+docs/http.md is the user-facing description.
+"""
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
+import os
+import random
+import socket
+import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable, TypeVar
 
-from .errors import DataError
-from .index import DatasetIndex, parse_index
+from .errors import DataError, UsageError
+from .index import DatasetIndex, ShardInfo, parse_index
 
-RETRIES = 5           # attempts for a transient HTTP failure (reset, timeout, 5xx), backoff 0.5 s doubling
-TIMEOUT_S = 30.0      # per connection attempt and per blocking read
+ENV_RETRIES = "RESNET_DIST_HTTP_RETRIES"    # total tries per request, including the first
+ENV_TIMEOUT = "RESNET_DIST_HTTP_TIMEOUT"    # seconds for the connect and for each blocking read
+ENV_BACKOFF = "RESNET_DIST_HTTP_BACKOFF"    # first delay between tries; doubles each retry
+DEFAULT_RETRIES = 6
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_BACKOFF_S = 0.5
+BACKOFF_CAP_S = 30.0       # no single wait is longer, whatever the doubling or a Retry-After header says
+CHECK_THREADS = 8          # concurrent HEAD requests in check_shards: hundreds of shards in seconds
+
+# Statuses worth another try: the server or something in front of it is overloaded or restarting.
+# 501 Not Implemented and 505 HTTP Version Not Supported are 5xx but say the request itself will never
+# work (and 501 is how some servers refuse HEAD, which check_shards answers with a ranged GET).
+_TRANSIENT_4XX = {408, 425, 429}
+_PERMANENT_5XX = {501, 505}
+
+_T = TypeVar("_T")
 
 
 def is_url(base: str) -> bool:
@@ -21,62 +51,267 @@ def is_url(base: str) -> bool:
 
 
 def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}" if is_url(base) else str(Path(base) / name)
+    if is_url(base):
+        return f"{base.rstrip('/')}/{urllib.parse.quote(name)}"
+    return str(Path(base) / name)
 
 
-def _open_url(url: str) -> BinaryIO:
-    delay = 0.5
-    for attempt in range(RETRIES):
+# --- settings ------------------------------------------------------------------------------------
+
+
+def _env_number(name: str, default: float, kind: type, minimum: float, strict: bool) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum or (strict and value == minimum):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        what = "an integer" if kind is int else "a number"
+        raise UsageError(f"{name} must be {what} {bound}, got {raw!r}")
+    return value
+
+
+def http_settings() -> tuple[int, float, float]:
+    """(tries, timeout seconds, first backoff seconds) from the environment, validated."""
+    tries = int(_env_number(ENV_RETRIES, DEFAULT_RETRIES, int, 1, strict=False))
+    timeout = _env_number(ENV_TIMEOUT, DEFAULT_TIMEOUT_S, float, 0, strict=True)
+    backoff = _env_number(ENV_BACKOFF, DEFAULT_BACKOFF_S, float, 0, strict=False)
+    return tries, timeout, backoff
+
+
+# --- the retrying HTTP core ----------------------------------------------------------------------
+
+
+class HTTPStatusError(DataError):
+    """A response status that retrying will not change (404, 403, other 4xx, 501), or one that did not
+    clear in time. A DataError, so every caller that reports data errors reports this one; `status`
+    lets check_shards tell a missing shard (404) and a refused HEAD (405/501) from the rest."""
+
+    def __init__(self, message: str, url: str, status: int):
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class _ShortBody(Exception):
+    """Fewer bytes than Content-Length, without http.client noticing (it cannot when reading in parts)."""
+
+
+def _plural(n: int) -> str:
+    return f"{n} try" if n == 1 else f"{n} tries"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _cause(exc: BaseException, timeout: float) -> str:
+    """A short human reason for a failed try; the exception's own class names mean little to a user."""
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        inner = exc.reason
+        if isinstance(inner, BaseException):
+            return _cause(inner, timeout)
+        return _one_line(f"cannot connect ({inner})")
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return f"timed out (no data for {timeout:g} s)"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "server closed the connection without a response"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, http.client.IncompleteRead):
+        got = len(exc.partial)
+        return f"body cut short ({got} of {got + exc.expected} bytes)" if exc.expected else "body cut short"
+    if isinstance(exc, _ShortBody):
+        return f"body cut short ({exc})"
+    if isinstance(exc, socket.gaierror):
+        return _one_line(f"cannot resolve host ({exc.strerror or exc})")
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _permanent_oserror(exc: BaseException) -> bool:
+    # A certificate that does not verify stays that way; retrying only delays the message.
+    inner = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return isinstance(inner, ssl.SSLCertVerificationError)
+
+
+def _retry_after(exc: urllib.error.HTTPError) -> float | None:
+    """Seconds from a numeric Retry-After header (429/503 often carry one); dates are ignored."""
+    value = exc.headers.get("Retry-After") if exc.headers else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _retrying(url: str, attempt: Callable[[float], _T]) -> _T:
+    """attempt(timeout) until it returns, a permanent failure, or the tries run out."""
+    tries, timeout, first_delay = http_settings()
+    cause = "no attempt made"
+    for n in range(1, tries + 1):
+        wait_at_least = 0.0
         try:
-            return urllib.request.urlopen(url, timeout=TIMEOUT_S)
+            return attempt(timeout)
         except urllib.error.HTTPError as exc:
-            if exc.code < 500 or attempt == RETRIES - 1:
-                raise DataError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            if attempt == RETRIES - 1:
-                raise DataError(f"{url}: cannot connect ({getattr(exc, 'reason', exc)}) after {RETRIES} tries") from exc
-        time.sleep(delay)
-        delay *= 2
-    raise AssertionError("unreachable")
+            exc.close()  # the error carries the open response; free its socket now, not at GC
+            cause = _one_line(f"HTTP {exc.code} {exc.reason}")
+            transient = exc.code in _TRANSIENT_4XX or (exc.code >= 500 and exc.code not in _PERMANENT_5XX)
+            if not transient:
+                raise HTTPStatusError(f"{url}: {cause} (after {_plural(n)})", url, exc.code) from None
+            if n == tries:
+                raise HTTPStatusError(f"{url}: {cause} (gave up after {_plural(n)})", url, exc.code) from None
+            wait_at_least = _retry_after(exc) or 0.0
+        except (OSError, http.client.HTTPException, _ShortBody) as exc:
+            # OSError covers URLError (refused, DNS, connect timeout), resets and read timeouts;
+            # HTTPException covers IncompleteRead and garbled status lines.
+            cause = _cause(exc, timeout)
+            if _permanent_oserror(exc):
+                raise DataError(f"{url}: {cause} (after {_plural(n)})") from None
+            if n == tries:
+                break
+        # Exponential backoff, capped; "equal jitter" (half fixed, half random) so processes that
+        # failed together (every rank and worker hitting one restarting server) do not retry together.
+        delay = min(BACKOFF_CAP_S, first_delay * 2 ** (n - 1))
+        delay = delay / 2 + random.uniform(0, delay / 2)
+        time.sleep(min(BACKOFF_CAP_S, max(delay, wait_at_least)))
+    raise DataError(f"{url}: {cause} (gave up after {_plural(tries)})")
+
+
+def _request(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> urllib.request.Request:
+    return urllib.request.Request(url, method=method, headers={"User-Agent": "resnet-dist", **(headers or {})})
+
+
+def _get_whole(url: str, timeout: float) -> bytes:
+    """One GET of the full body; a body shorter than its Content-Length is a failed try, not data."""
+    with urllib.request.urlopen(_request(url), timeout=timeout) as resp:
+        data = resp.read()  # raises IncompleteRead itself when Content-Length is known and not met
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and len(data) != int(length):
+            raise _ShortBody(f"{len(data)} of {length} bytes")
+        return data
+
+
+def fetch(url: str) -> bytes:
+    """The body of `url`, retried on transient failures; DataError (HTTPStatusError for a status) if not."""
+    return _retrying(url, lambda timeout: _get_whole(url, timeout))
+
+
+# --- public API ----------------------------------------------------------------------------------
+
+
+def read_bytes(base: str, name: str) -> bytes:
+    """The whole file `name` under `base` (a folder or an http(s) URL prefix)."""
+    if is_url(base):
+        return fetch(_join(base, name))
+    path = Path(base) / name
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def open_shard(base: str, name: str) -> BinaryIO:
-    """A readable binary stream of one file under `base`."""
+    """A readable binary stream of one file under `base` (kept for callers that want a stream).
+
+    Over HTTP the file is fetched whole first: a retry can then restart cleanly from byte 0, which a
+    half-consumed stream handed to a caller could not.
+    """
     if is_url(base):
-        return _open_url(_join(base, name))
+        return io.BytesIO(read_bytes(base, name))
     path = Path(base) / name
     try:
         return open(path, "rb")
     except OSError as exc:
-        raise DataError(f"{path}: cannot open shard ({exc.strerror})") from exc
+        raise DataError(f"{path}: cannot open shard ({exc.strerror})") from None
 
 
 def read_index(base: str) -> DatasetIndex:
     """index.json of a local folder or URL prefix; one clear DataError if absent or malformed."""
     where = _join(base, "index.json")
-    if not is_url(base) and not Path(base).is_dir():
-        raise DataError(f"{base}: no such folder (expected a shard folder made by `python -m resnet_dist.shard`)")
+    if not is_url(base):
+        if not Path(base).is_dir():
+            raise DataError(f"{base}: no such folder (expected a shard folder made by `python -m resnet_dist.shard`)")
+        if not Path(where).is_file():
+            raise DataError(f"{where}: not found (expected a shard folder made by `python -m resnet_dist.shard`)")
+    raw = read_bytes(base, "index.json")
     try:
-        with open_shard(base, "index.json") as f:
-            obj = json.loads(f.read().decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"{where}: not valid JSON ({exc})") from exc
-    except DataError:
-        raise
+        raise DataError(f"{where}: not valid JSON ({_one_line(exc)})") from None
     return parse_index(obj, where)
 
 
+def _content_range_total(value: str | None) -> int | None:
+    # "bytes 0-0/12345" -> 12345; "bytes 0-0/*" (size unknown) -> None
+    if not value or "/" not in value:
+        return None
+    total = value.rsplit("/", 1)[1].strip()
+    return int(total) if total.isdigit() else None
+
+
+def _remote_size_once(url: str, timeout: float, use_head: bool) -> int | None:
+    """Size of `url` from one HEAD, or one GET of its first byte; None if the server does not say."""
+    if use_head:
+        with urllib.request.urlopen(_request(url, "HEAD"), timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            return int(length) if length and length.isdigit() else None
+    with urllib.request.urlopen(_request(url, headers={"Range": "bytes=0-0"}), timeout=timeout) as resp:
+        if resp.status == 206:
+            return _content_range_total(resp.headers.get("Content-Range"))
+        # The server ignored Range and started sending the whole file: its length is the size, and
+        # leaving the `with` closes the connection without reading the body.
+        length = resp.headers.get("Content-Length")
+        return int(length) if length and length.isdigit() else None
+
+
+def remote_size(url: str) -> int | None:
+    """Size of a remote file by HEAD (retried), or a 1-byte ranged GET if HEAD is refused (405/501)."""
+    try:
+        return _retrying(url, lambda timeout: _remote_size_once(url, timeout, use_head=True))
+    except HTTPStatusError as exc:
+        if exc.status not in (405, 501):
+            raise
+    return _retrying(url, lambda timeout: _remote_size_once(url, timeout, use_head=False))
+
+
+def _check_remote_shard(base: str, shard: ShardInfo) -> str | None:
+    url = _join(base, shard.file)
+    try:
+        size = remote_size(url)
+    except HTTPStatusError as exc:
+        if exc.status in (404, 410):
+            return f"{url}: shard listed in index.json is missing (HTTP {exc.status})"
+        return str(exc)
+    except DataError as exc:
+        return str(exc)
+    # A server that names no size cannot be checked here; the streaming size and sha256 check still is.
+    if size is not None and size != shard.bytes:
+        return f"{url}: {size} bytes, index.json says {shard.bytes}"
+    return None
+
+
 def check_shards(base: str, index: DatasetIndex, splits: list[str]) -> None:
-    """Cheap up-front check of local shards: each exists with the size index.json gives.
+    """Cheap up-front check that each shard exists with the size index.json gives.
 
     Hashing every byte would cost a full pass over the data; sizes catch missing and truncated files.
+    Over HTTP that is one HEAD per shard, CHECK_THREADS at a time.
     """
+    shards = [shard for split in splits for shard in index.splits[split].shards]
     if is_url(base):
+        with ThreadPoolExecutor(max_workers=min(CHECK_THREADS, len(shards)) or 1) as pool:
+            problems = [p for p in pool.map(lambda s: _check_remote_shard(base, s), shards) if p]
+        if problems:
+            # In index order, so the message is the same on every rank and every run; one line.
+            more = f" (and {len(problems) - 1} more shards with problems)" if len(problems) > 1 else ""
+            raise DataError(problems[0] + more)
         return
-    for split in splits:
-        for shard in index.splits[split].shards:
-            path = Path(base) / shard.file
-            if not path.is_file():
-                raise DataError(f"{path}: shard listed in index.json is missing")
-            if path.stat().st_size != shard.bytes:
-                raise DataError(f"{path}: {path.stat().st_size} bytes, index.json says {shard.bytes}")
+    for shard in shards:
+        path = Path(base) / shard.file
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in index.json is missing")
+        if path.stat().st_size != shard.bytes:
+            raise DataError(f"{path}: {path.stat().st_size} bytes, index.json says {shard.bytes}")
