@@ -382,6 +382,18 @@ def fresh_accelerator(precision: str):
                        step_scheduler_with_optimizer=False)
 
 
+def run_like(acc, model, optimizer, scheduler, augment: BatchAugment) -> SimpleNamespace:
+    """What engine.train_step reads of a Run (the trainer's own Run needs shards and a run folder)."""
+    run = SimpleNamespace(accelerator=acc, cfg=SimpleNamespace(label_smoothing=0.0), model=model,
+                          optimizer=optimizer, scheduler=scheduler, augment=augment)
+    try:  # the reliability work adds a per-step guard to Run: time it as the trainer runs it
+        from .guard import StepGuard, StopRequest
+    except ImportError:
+        return run
+    run.guard = StepGuard(acc, StopRequest(), max_bad_steps=0)
+    return run
+
+
 @contextmanager
 def launcher_precision(precision: str) -> Iterator[None]:
     """What `accelerate launch --mixed_precision X` does for the trainer: the env var its Accelerator reads."""
@@ -413,8 +425,7 @@ def our_step_timer(args, setup: StepSetup, images: torch.Tensor, labels: torch.T
     def timed(steps: int) -> float:
         acc = fresh_accelerator(setup.precision)
         net, opt = acc.prepare(model, optimizer)
-        run = SimpleNamespace(accelerator=acc, cfg=SimpleNamespace(label_smoothing=0.0), model=net, optimizer=opt,
-                              scheduler=scheduler, augment=BatchAugment(mean, std, acc.device, 4, True, setup.channels_last))
+        run = run_like(acc, net, opt, scheduler, BatchAugment(mean, std, acc.device, 4, True, setup.channels_last))
         net.train()
         start = time.perf_counter()
         for i in range(steps):
@@ -631,9 +642,8 @@ def scaling_worker(args) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     net, opt = acc.prepare(model, optimizer)
     mean, std = torch.full((args.step_channels,), 0.5), torch.full((args.step_channels,), 0.25)
-    run = SimpleNamespace(accelerator=acc, cfg=SimpleNamespace(label_smoothing=0.0), model=net, optimizer=opt,
-                          scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                          augment=BatchAugment(mean, std, acc.device, 4, True, channels_last))
+    run = run_like(acc, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                   BatchAugment(mean, std, acc.device, 4, True, channels_last))
 
     def steps(n: int) -> float:
         acc.wait_for_everyone()
