@@ -34,7 +34,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_file(path: Path, write) -> None:
-    write(path)
+    try:
+        write(path)
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors reports a full disk as its own error type
+        raise OSError(str(exc)) from exc
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 

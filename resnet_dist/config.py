@@ -55,8 +55,12 @@ class TrainConfig:
     # run control
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs); for smoke runs")
     seed: int = opt(0, "seed for init, data order and augmentation")
-    resume: bool = opt(False, "continue the run in --out from checkpoints/last")
+    resume: bool = opt(False, "kept for scripts: a run folder holding a checkpoint is always resumed")
     log_every: int = opt(20, "optimizer steps between logged train metrics")
+    checkpoint_every: int = opt(0, "also save checkpoints/last every this many optimizer steps (0: each epoch only)")
+    strict_data: bool = opt(False, "fail on a damaged or changed shard or an undecodable image instead of skipping it")
+    max_bad_steps: int = opt(10, "stop after this many optimizer steps in a row with a NaN/inf loss (each is skipped)")
+    collective_timeout: float = opt(1800.0, "seconds a collective may wait for a silent rank before the run fails")
     wandb_project: str = opt("resnet-dist", "W&B project")
     wandb_mode: str = opt("offline", "offline writes the run under --out (upload later with `wandb sync`)",
                           ("online", "offline", "disabled"))
@@ -101,6 +105,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.shuffle_block > 0, f"--shuffle-block must be positive (got {cfg.shuffle_block})"),
         (cfg.max_steps >= 0, f"--max-steps must be >= 0 (got {cfg.max_steps})"),
         (cfg.log_every > 0, f"--log-every must be positive (got {cfg.log_every})"),
+        (cfg.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (got {cfg.checkpoint_every})"),
+        (cfg.max_bad_steps >= 0, f"--max-bad-steps must be >= 0 (got {cfg.max_bad_steps})"),
+        (cfg.collective_timeout > 0, f"--collective-timeout must be positive (got {cfg.collective_timeout})"),
         (not (cfg.nesterov and cfg.optimizer != "sgd"), "--nesterov applies to --optimizer sgd only"),
         (not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0"),
     ]

@@ -147,3 +147,13 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None, device: torch.d
     if device.type == "cpu":
         return CPUSyncBatchNorm.convert(model, process_group)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+
+
+def end_run(accelerator) -> None:
+    """Close trackers and the process group with every rank at the same point.
+
+    A rank that destroys its gloo group while a peer is still busy (writing the summary, say) can make
+    that peer abort at exit with "terminate called without an active exception": meet first, then close.
+    """
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 
 from .augment import BatchAugment
+from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .data import ShardStream, make_loader
 from .distributed import check_world_size
-from .errors import UsageError
+from .errors import TrainingError, UsageError
+from .guard import StepGuard
 from .index import DatasetIndex
 from .tracking import Meter, Reporter
 
@@ -36,12 +39,16 @@ class Run:
     reporter: Reporter
     run_dir: Path
     val_split: str | None
+    guard: StepGuard | None = None
     epoch: int = 0
     batch: int = 0               # micro-batches done in `epoch` (a multiple of grad_accum)
     global_step: int = 0         # optimizer steps done
     best_val: float = -1.0
     history: list[dict] = field(default_factory=list)
     wandb_id: str = ""
+    lost_train: int = 0          # train samples that could not be read (replaced in their batch)
+    problems: list[str] = field(default_factory=list)  # data problems not yet reported
+    reported: set[str] = field(default_factory=set)
 
     @property
     def optimizer_steps_per_epoch(self) -> int:
@@ -58,17 +65,42 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     ddp = DistributedDataParallelKwargs(
         gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy less per step
         bucket_cap_mb=25)              # torch's default; overlaps all-reduce with the backward pass
+    # A dead or hung rank makes the others wait in a collective: this bounds the wait.
+    group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
     accelerator = Accelerator(
         cpu=on_cpu,  # without it, a CPU-only launch of N processes gives N runs of world size 1
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=None if cfg.wandb_mode == "disabled" else "wandb",
         project_dir=cfg.out,
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[ddp])
+        kwargs_handlers=[ddp, group])
     check_world_size(accelerator)
     if on_cpu and accelerator.mixed_precision == "fp16":
         raise UsageError("fp16 mixed precision has no autocast on CPU; use --mixed_precision bf16 or no")
     return accelerator
+
+
+def save(run: Run, name: str, metrics: dict | None = None) -> None:
+    """Checkpoint `name` (last/best) from the main process; every rank waits so none runs ahead.
+
+    A failed write (disk full, folder gone read-only) leaves the previous checkpoint as it was."""
+    acc = run.accelerator
+    if acc.is_main_process:
+        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                 "epoch": run.epoch, "batch": run.batch, "global_step": run.global_step,
+                 "best_val": run.best_val, "history": run.history}
+        meta = {"epoch": run.epoch, "batch": run.batch, "global_step": run.global_step,
+                "world_size": acc.num_processes, "wandb_id": run.wandb_id, "metrics": metrics or {},
+                "config": run.cfg.to_dict(), "classes": run.index.classes,
+                "mean": run.index.mean, "std": run.index.std}
+        folder = run.run_dir / "checkpoints" / name
+        try:
+            save_checkpoint(folder, acc.unwrap_model(run.model), state, meta)
+        except OSError as exc:
+            raise TrainingError(f"cannot write checkpoint {folder}: {exc.strerror or exc}; "
+                                f"the previous checkpoint is intact") from exc
+    acc.wait_for_everyone()
 
 
 def seed_step(seed: int, epoch: int, batch: int, rank: int, generator: torch.Generator) -> None:
@@ -92,9 +124,12 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, generator: 
             logits = run.model(x)
             loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
         acc.backward(loss)
-        run.optimizer.step()
-        if acc.sync_gradients and not acc.optimizer_step_was_skipped:
-            run.scheduler.step()
+        run.guard.observe(loss)
+        # Every rank reaches the same decision here: a NaN/inf loss anywhere skips the update everywhere.
+        if acc.sync_gradients and run.guard.decide():
+            run.optimizer.step()
+            if not acc.optimizer_step_was_skipped:
+                run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     return loss.detach(), (logits.argmax(1) == labels).sum()
 
@@ -112,29 +147,30 @@ def train_one_epoch(run: Run) -> dict:
     seen = 0
     run.reporter.start_epoch(run.epoch, cfg.epochs, run.train.num_batches, run.batch)
     it = iter(loader)
-    while run.batch < run.train.num_batches and not run_is_done(run):
-        t0 = time.perf_counter()
-        images, labels = next(it)
-        images = images.to(acc.device, non_blocking=True)
-        labels = labels.to(acc.device, non_blocking=True)
-        wait = time.perf_counter() - t0
-        meter.add_wait(wait)
-        window.add_wait(wait)
-        seed_step(cfg.seed, run.epoch, run.batch, acc.process_index, generator)
-        loss, hits = train_step(run, images, labels, generator)
-        loss_sum += loss * labels.shape[0]
-        correct += hits
-        seen += labels.shape[0]
-        meter.add_images(labels.shape[0])
-        window.add_images(labels.shape[0])
-        run.batch += 1
-        run.reporter.step(1)
-        if acc.sync_gradients:
-            run.global_step += 1
-            if run.global_step % cfg.log_every == 0:
-                log_train(run, loss, window)
-                window.reset()
-    del it, loader
+    try:
+        while run.batch < run.train.num_batches and not run_is_done(run) and not run.guard.stop_requested:
+            t0 = time.perf_counter()
+            images, labels, lost, problems = next(it)
+            run.lost_train += lost
+            run.problems += problems
+            images = images.to(acc.device, non_blocking=True)
+            labels = labels.to(acc.device, non_blocking=True)
+            wait = time.perf_counter() - t0
+            meter.add_wait(wait)
+            window.add_wait(wait)
+            seed_step(cfg.seed, run.epoch, run.batch, acc.process_index, generator)
+            loss, hits = train_step(run, images, labels, generator)
+            loss_sum += loss * labels.shape[0]
+            correct += hits
+            seen += labels.shape[0]
+            meter.add_images(labels.shape[0])
+            window.add_images(labels.shape[0])
+            run.batch += 1
+            run.reporter.step(1)
+            if acc.sync_gradients:
+                after_optimizer_step(run, loss, window)
+    finally:
+        del it, loader  # stop the loader workers now, also when a step raised
     run.reporter.end_epoch()
     totals = acc.reduce(torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=acc.device)]),
                         reduction="sum")
@@ -142,6 +178,18 @@ def train_one_epoch(run: Run) -> dict:
     return {"train_loss": totals[0].item() / n, "train_top1": totals[1].item() / n,
             "img_per_s": meter.rate * acc.num_processes, "data_wait": meter.wait_fraction,
             "epoch_seconds": meter.elapsed}
+
+
+def after_optimizer_step(run: Run, loss: torch.Tensor, window: Meter) -> None:
+    """Count the step; stop if diverged; log and checkpoint on schedule (every rank at the same steps)."""
+    cfg = run.cfg
+    run.global_step += 1
+    run.guard.check_divergence(run.global_step)
+    if run.global_step % cfg.log_every == 0:
+        log_train(run, loss, window)
+        window.reset()
+    if cfg.checkpoint_every and run.global_step % cfg.checkpoint_every == 0:
+        save(run, "last")
 
 
 def run_is_done(run: Run) -> bool:
@@ -157,10 +205,22 @@ def log_train(run: Run, loss: torch.Tensor, window: Meter) -> None:
                "perf/img_per_s_per_process": window.rate, "perf/data_wait_fraction": window.wait_fraction,
                "epoch": run.epoch + run.batch / run.train.num_batches}
     acc.log(metrics, step=run.global_step)
+    report_problems(run)
     stats = (f"loss {mean_loss:.4f}  lr {lr:.4g}  {metrics['perf/img_per_s']:.0f} img/s  "
              f"data wait {window.wait_fraction:.0%}")
     run.reporter.step(0, stats)
     run.reporter.log_line(f"epoch {run.epoch + 1} step {run.global_step}: {stats}")
+
+
+def report_problems(run: Run) -> None:
+    """Data problems every rank met since the last call: one warning each, from the main process.
+
+    A collective: every rank calls it at the same points (log steps and epoch ends)."""
+    everyone = gather_object([run.problems]) if run.accelerator.num_processes > 1 else [run.problems]
+    run.problems = []
+    for problem in sorted({p for problems in everyone for p in problems} - run.reported):
+        run.reported.add(problem)
+        run.reporter.line(f"warning: {problem}")
 
 
 @torch.no_grad()
@@ -175,19 +235,25 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, stream: ShardStre
     was_training = model.training
     model.eval()
     device = accelerator.device
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5, count, lost
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for images, labels in make_loader(stream, num_workers, pin_memory=device.type == "cuda"):
+    problems = []
+    for images, labels, lost, batch_problems in make_loader(stream, num_workers, pin_memory=device.type == "cuda"):
+        sums[4] += lost
+        problems += batch_problems
+        if labels.numel() == 0:
+            continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with accelerator.autocast():
             logits = model(augment.eval(images)).float()
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                             topk_correct(logits, labels, 1).double(), topk_correct(logits, labels, 5).double(),
-                             torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+        sums[:4] += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                                 topk_correct(logits, labels, 1).double(), topk_correct(logits, labels, 5).double(),
+                                 torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
         confusion.index_put_((labels, logits.argmax(1)), torch.ones_like(labels), accumulate=True)
     model.train(was_training)
     sums = accelerator.reduce(sums, reduction="sum")
     confusion = accelerator.reduce(confusion, reduction="sum")
     n = max(sums[3].item(), 1.0)
     return {"loss": sums[0].item() / n, "top1": sums[1].item() / n, "top5": sums[2].item() / n,
-            "count": int(sums[3].item()), "confusion": confusion.cpu().tolist()}
+            "count": int(sums[3].item()), "lost": int(sums[4].item()), "problems": problems,
+            "confusion": confusion.cpu().tolist()}

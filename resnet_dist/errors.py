@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from typing import Callable, NoReturn, Sequence
 
 
@@ -15,14 +16,30 @@ class DataError(Exception):
     """Data that is missing, damaged or inconsistent with its index."""
 
 
+class TrainingError(Exception):
+    """A run that cannot go on (diverged, a rank stopped answering, the disk is full): exit code 1."""
+
+
+class Interrupted(Exception):
+    """Stopped by a signal after saving a checkpoint: exit 128 + signal number, as a shell reports it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 def fail(message: str) -> NoReturn:
     raise UsageError(message)
 
 
-def _say(message: str) -> None:
-    """stderr line from rank 0 only: under a launcher every rank meets the same bad flag or Ctrl-C."""
-    if os.environ.get("RANK", "0") == "0":
+def _say(message: str, every_rank: bool = False) -> None:
+    """A stderr line. Under a launcher every rank meets the same bad flag or Ctrl-C, so by default rank 0
+    alone speaks; data and training errors can be one rank's own, so each rank says those, naming itself."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
         sys.stderr.write(message + "\n")
+    elif every_rank:
+        sys.stderr.write(f"[rank {rank}] {message}\n")
 
 
 def one_line(exc: Exception) -> str:
@@ -39,10 +56,37 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     """Run a command's main(); turn expected failures into one stderr line and a non-zero exit."""
     try:
         code = main(argv)
-    except (UsageError, DataError) as exc:
+    except UsageError as exc:
         _say(f"error: {one_line(exc)}")
         code = 2
+    except DataError as exc:
+        _say(f"error: {one_line(exc)}", every_rank=True)
+        code = 2
+    except TrainingError as exc:
+        _say(f"error: {one_line(exc)}", every_rank=True)
+        code = 1
+    except Interrupted as exc:
+        _say(str(exc))
+        code = 128 + exc.signum
     except KeyboardInterrupt:
         _say("interrupted")
         code = 130
+    except Exception:  # a bug: its traceback is worth having, then the same prompt exit
+        traceback.print_exc()
+        code = 1
+    if code and _others_involved():
+        # After a failure, a normal interpreter exit can wait forever: on peers blocked in a collective with
+        # this rank, or on loader workers that ignore SIGTERM (see guard.ignore_stop_signals). Leave at
+        # once; a launcher sees the exit code and stops the other ranks.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code or 0)
+
+
+def _others_involved() -> bool:
+    """A process group, or child processes (loader workers) still alive."""
+    import multiprocessing
+
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist and dist.is_available() and dist.is_initialized()) or bool(multiprocessing.active_children())

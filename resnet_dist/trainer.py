@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -9,12 +11,13 @@ from pathlib import Path
 import torch
 
 from .augment import BatchAugment
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
-from .config import TrainConfig
+from .checkpoint import find_checkpoint, load_checkpoint, write_json_atomic
+from .config import TrainConfig, parse_args
 from .data import ShardStream
-from .distributed import convert_sync_batchnorm
-from .engine import Run, evaluate, make_accelerator, run_is_done, train_one_epoch
-from .errors import UsageError
+from .distributed import convert_sync_batchnorm, end_run
+from .engine import Run, evaluate, make_accelerator, report_problems, run_is_done, save, train_one_epoch
+from .errors import Interrupted, TrainingError, UsageError
+from .guard import Diverged, StepGuard, StopRequest, is_collective_timeout, name_silent_ranks
 from .models import build_model, count_parameters
 from .optim import build_optimizer, build_scheduler
 from .storage import check_shards, read_index
@@ -63,11 +66,11 @@ def setup(cfg: TrainConfig) -> Run:
     val_split, eval_splits = pick_splits(cfg, index.splits)
     check_shards(cfg.data, index, ["train", *eval_splits])
     check_fits(cfg, index, accelerator.num_processes)
-    last = find_checkpoint(run_dir / "checkpoints" / "last")
-    if last is not None and not cfg.resume:
-        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    check_writable(run_dir)
+    last = find_checkpoint(run_dir / "checkpoints" / "last")  # a run folder with a checkpoint is resumed
     model, optimizer = build(cfg, index, accelerator)
     common = dict(batch_size=cfg.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    common = common | {"strict": cfg.strict_data}
     train = ShardStream(cfg.data, index, "train", train=True, seed=cfg.seed, grad_accum=cfg.grad_accum,
                         shuffle_block=cfg.shuffle_block, **common)
     evals = {s: ShardStream(cfg.data, index, s, train=False, **common) for s in eval_splits}
@@ -76,12 +79,24 @@ def setup(cfg: TrainConfig) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     augment = BatchAugment(index.mean, index.std, accelerator.device, cfg.crop_padding, cfg.flip, cfg.channels_last)
     run = Run(cfg, accelerator, index, model, optimizer, scheduler, augment, train, evals,
-              Reporter(accelerator.is_main_process), run_dir, val_split)
+              Reporter(accelerator.is_main_process), run_dir, val_split,
+              guard=StepGuard(accelerator, StopRequest(), cfg.max_bad_steps))
     if last is not None:
         restore(run, last)
     else:
         run.wandb_id = uuid.uuid4().hex[:12]
     return run
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before training, not at the first checkpoint, if RUN_DIR cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {run_dir}: cannot write there ({exc.strerror or exc})") from exc
 
 
 def restore(run: Run, folder: Path) -> None:
@@ -92,7 +107,8 @@ def restore(run: Run, folder: Path) -> None:
     if meta.get("world_size") != run.accelerator.num_processes:
         changed.append(f"world size ({meta.get('world_size')} -> {run.accelerator.num_processes})")
     if changed:
-        raise UsageError(f"cannot resume {folder}: these settings differ from the checkpoint's: {', '.join(changed)}")
+        raise UsageError(f"{run.run_dir} holds a run with other settings ({', '.join(changed)}): "
+                         f"choose another --out for a new run, or repeat its settings to resume it")
     run.accelerator.unwrap_model(run.model).load_state_dict(weights)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -102,22 +118,6 @@ def restore(run: Run, folder: Path) -> None:
     run.best_val, run.history, run.wandb_id = state["best_val"], list(state["history"]), meta["wandb_id"]
     run.reporter.line(f"resumed from {folder}: epoch {run.epoch + 1}, micro-batch {run.batch}, "
                       f"optimizer step {run.global_step}")
-
-
-def save(run: Run, name: str, metrics: dict | None = None) -> None:
-    """Checkpoint `name` (last/best) from the main process; every rank waits so none runs ahead."""
-    acc = run.accelerator
-    if acc.is_main_process:
-        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                 "epoch": run.epoch, "batch": run.batch, "global_step": run.global_step,
-                 "best_val": run.best_val, "history": run.history}
-        meta = {"epoch": run.epoch, "batch": run.batch, "global_step": run.global_step,
-                "world_size": acc.num_processes, "wandb_id": run.wandb_id, "metrics": metrics or {},
-                "config": run.cfg.to_dict(), "classes": run.index.classes,
-                "mean": run.index.mean, "std": run.index.std}
-        save_checkpoint(run.run_dir / "checkpoints" / name, acc.unwrap_model(run.model), state, meta)
-    acc.wait_for_everyone()
 
 
 def evaluate_split(run: Run, split: str) -> dict:
@@ -131,7 +131,10 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
            "steps": run.global_step, "complete": run.batch >= run.train.num_batches}
     if run.val_split:
         val = evaluate_split(run, run.val_split)
-        row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_count=val["count"])
+        row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_count=val["count"],
+                   val_lost=val["lost"])
+        run.problems += val["problems"]
+    report_problems(run)
     if run.history and run.history[-1]["epoch"] == row["epoch"]:
         run.history.pop()  # a resumed epoch replaces the row of its interrupted part
     run.history.append(row)
@@ -158,14 +161,38 @@ def fit(cfg: TrainConfig) -> dict:
     run = setup(cfg)
     acc, started = run.accelerator, time.time()
     if acc.is_main_process:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run.run_dir / "config.json", cfg.to_dict())
     acc.init_trackers(cfg.wandb_project, config=cfg.to_dict() | {"world_size": acc.num_processes,
                                                                  "global_batch": run.global_batch},
                       init_kwargs=wandb_init_kwargs(run.run_dir, cfg.wandb_mode, run.wandb_id, run.run_dir.name))
     announce(run)
-    while run.epoch < cfg.epochs and not run_is_done(run):
-        row, improved = end_epoch(run, train_one_epoch(run))
+    run.guard.stop.install()
+    try:
+        train_epochs(run)
+    except Diverged:
+        save(run, "last")  # the skipped steps left the last good weights in place
+        raise
+    except RuntimeError as exc:
+        if is_collective_timeout(exc):
+            raise TrainingError(f"a collective operation waited {cfg.collective_timeout:g} s for a silent rank: "
+                                f"{name_silent_ranks(acc.process_index, acc.num_processes)}") from exc
+        raise
+    finally:
+        run.guard.stop.restore()
+    if run.guard.stop_requested:
+        stop(run)
+    summary = finish(run, time.time() - started)
+    end_run(acc)  # closes W&B and the process group (a live gloo group can abort at exit)
+    return summary
+
+
+def train_epochs(run: Run) -> None:
+    acc, cfg = run.accelerator, run.cfg
+    while run.epoch < cfg.epochs and not run_is_done(run) and not run.guard.stop_requested:
+        train_metrics = train_one_epoch(run)
+        if run.guard.stop_requested:
+            return  # preempted: no validation, the checkpoint is written by stop()
+        row, improved = end_epoch(run, train_metrics)
         if row["complete"]:
             run.epoch, run.batch = run.epoch + 1, 0
         save(run, "last", row)
@@ -174,9 +201,16 @@ def fit(cfg: TrainConfig) -> dict:
         if acc.is_main_process:
             write_history(run.run_dir, run.history)
             plot_history(run.run_dir, run.history)
-    summary = finish(run, time.time() - started)
-    acc.end_training()  # closes W&B and destroys the process group (a live gloo group can abort at exit)
-    return summary
+
+
+def stop(run: Run) -> None:
+    """After SIGTERM/SIGINT: every rank has finished the same step; save and exit as interrupted."""
+    save(run, "last")
+    signum = run.guard.stop.signum or signal.SIGTERM  # another rank may have received it
+    end_run(run.accelerator)
+    raise Interrupted(f"stopped by {signal.Signals(signum).name} at epoch {run.epoch + 1}, optimizer step "
+                      f"{run.global_step}: saved {run.run_dir / 'checkpoints' / 'last'}; run the same command "
+                      f"again to resume", signum)
 
 
 def announce(run: Run) -> None:
@@ -200,13 +234,20 @@ def finish(run: Run, wall: float) -> dict:
                "best_val_top1": run.best_val if run.best_val >= 0 else None,
                "final_val_top1": last.get("val_top1"), "val_split": run.val_split,
                "train_img_per_s": last.get("img_per_s"), "wall_seconds": round(wall, 1),
-               "eval_counts": {}}
+               "eval_counts": {}, "skipped_steps": run.guard.bad_steps,
+               "lost_train_samples": int(acc.reduce(torch.tensor(run.lost_train, device=acc.device), "sum").item()),
+               "lost_eval_samples": {}, "data_problems": sorted(run.reported)}
     if "val_count" in last:
         summary["eval_counts"][run.val_split] = last["val_count"]
+        summary["lost_eval_samples"][run.val_split] = last.get("val_lost", 0)
     if "test" in run.evals:
         test = evaluate_split(run, "test")
         summary.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
         summary["eval_counts"]["test"] = test["count"]
+        summary["lost_eval_samples"]["test"] = test["lost"]
+        run.problems += test["problems"]
+        report_problems(run)
+        summary["data_problems"] = sorted(run.reported)
     if acc.is_main_process:
         if run.cfg.wandb_mode != "disabled":  # the W&B run's summary, not one more history row
             wandb_run = acc.get_tracker("wandb", unwrap=True)
@@ -219,3 +260,9 @@ def finish(run: Run, wall: float) -> dict:
             run.reporter.line(f"test top-1 {summary['test_top1']:.2%} on {summary['eval_counts']['test']:,} images; "
                               f"run folder {run.run_dir}")
     return summary
+
+
+def main(argv=None) -> int:
+    """`launch/train.py`'s body: parse, validate, train."""
+    fit(parse_args(argv))
+    return 0
