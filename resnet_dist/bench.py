@@ -213,7 +213,7 @@ def load_split(base: Path, index: DatasetIndex, split: str) -> tuple[torch.Tenso
     from .data import ShardStream
 
     stream = ShardStream(str(base), index, split, batch_size=1024, rank=0, world_size=1, train=False)
-    images, labels = zip(*stream)
+    images, labels = zip(*((x, y) for x, y, *_ in stream))  # each batch: images, labels, lost, problems
     return torch.cat(images), torch.cat(labels)
 
 
@@ -243,7 +243,7 @@ def ours_batches(base: Path, index: DatasetIndex, batch: int, workers: int, epoc
     stream = ShardStream(str(base), index, "train", batch_size=batch, rank=0, world_size=1, train=True, seed=epoch)
     stream.set_epoch(epoch)
     generator = torch.Generator().manual_seed(epoch)
-    for images, labels in make_loader(stream, workers, pin_memory=torch.cuda.is_available()):
+    for images, labels, *_ in make_loader(stream, workers, pin_memory=torch.cuda.is_available()):
         yield augment.train(images.to(augment.mean.device, non_blocking=True), generator), labels
 
 
@@ -253,7 +253,7 @@ def decode_batches(base: Path, index: DatasetIndex, batch: int, epoch: int) -> I
 
     stream = ShardStream(str(base), index, "train", batch_size=batch, rank=0, world_size=1, train=True, seed=epoch)
     stream.set_epoch(epoch)
-    yield from stream
+    yield from ((images, labels) for images, labels, *_ in stream)  # drop the lost/problems fields
 
 
 def imagefolder_batches(root: Path, index: DatasetIndex, batch: int, workers: int, padding: int) -> Iterator:

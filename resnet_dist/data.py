@@ -13,9 +13,12 @@ normalisation happen on the training device (resnet_dist.augment).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+import tarfile
 from dataclasses import dataclass
+from itertools import cycle, islice
 from typing import Iterator
 
 import numpy as np
@@ -25,19 +28,31 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import DataError
-from .index import DatasetIndex, SplitInfo
-from .storage import open_shard
+from .guard import ignore_stop_signals
+from .index import DatasetIndex, ShardInfo, SplitInfo
+from .storage import read_bytes
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Read `take` samples of shard `file`, after skipping its first `skip` samples."""
+    """Read `take` samples of `shard`, after skipping its first `skip` samples."""
 
-    file: str
+    shard: ShardInfo
     skip: int
     take: int
+
+    @property
+    def file(self) -> str:
+        return self.shard.file
+
+
+@dataclass(frozen=True)
+class Lost:
+    """Stands in for a sample that could not be read, so every position of the stream is accounted for."""
+
+    reason: str
 
 
 def epoch_shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -54,7 +69,7 @@ def pieces_for_range(split: SplitInfo, order: list[int], start: int, stop: int) 
         shard = split.shards[i]
         lo, hi = max(start, offset), min(stop, offset + shard.num_samples)
         if lo < hi:
-            pieces.append(Piece(shard.file, lo - offset, hi - lo))
+            pieces.append(Piece(shard, lo - offset, hi - lo))
         offset += shard.num_samples
         if offset >= stop:
             break
@@ -94,28 +109,54 @@ def decode_sample(sample: dict, channels: int, size: tuple[int, int]) -> tuple[n
     return decode_image(sample[ext], channels, size, where), int(sample["cls"])
 
 
-def read_piece(base: str, piece: Piece) -> Iterator[dict]:
-    """The raw samples of one piece, read with webdataset's tar iterator; skipped samples are not copied."""
+def shard_problem(data: bytes, shard: ShardInfo) -> str | None:
+    """Whether the bytes are the shard index.json describes (size, then sha256: computed as it streams)."""
+    if len(data) != shard.bytes:
+        return f"{shard.file}: {len(data)} bytes, index.json says {shard.bytes}"
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
+        return f"{shard.file}: sha256 differs from index.json (the shard changed since it was written)"
+    return None
+
+
+def tar_samples(data: bytes, piece: Piece) -> Iterator[dict]:
+    """Samples skip..skip+take of a tar held in memory, grouped by key with webdataset's tar iterator."""
     seen = {"key": None, "n": 0}
 
-    def wanted(fname: str) -> bool:  # counts keys as the tar streams past; members of skipped keys are not read
+    def wanted(fname: str) -> bool:  # counts keys as the tar goes by; members of other keys are not copied
         key = fname.split("/")[-1].split(".", 1)[0]
         if key != seen["key"]:
             seen["key"], seen["n"] = key, seen["n"] + 1
         return piece.skip < seen["n"] <= piece.skip + piece.take
 
-    stream = open_shard(base, piece.file)
+    files = wds.tariterators.tar_file_expander([{"url": piece.file, "stream": io.BytesIO(data)}],
+                                                select_files=wanted)
+    return islice(wds.tariterators.group_by_keys(files), piece.take)
+
+
+def read_piece(base: str, piece: Piece, strict: bool) -> list[dict | Lost]:
+    """Exactly `piece.take` items: the samples, or Lost markers for samples that cannot be trusted.
+
+    The whole shard is fetched and checked against its size and sha256 before any sample is used: a
+    shard that changed is not what index.json describes, so none of its samples are (strict: an error).
+    """
+    samples: list[dict | Lost] = []
     try:
-        files = wds.tariterators.tar_file_expander([{"url": piece.file, "stream": stream}], select_files=wanted)
-        taken = 0
-        for sample in wds.tariterators.group_by_keys(files):
-            yield sample
-            taken += 1
-            if taken == piece.take:
-                return
-        raise DataError(f"{piece.file}: ended after {piece.skip + taken} samples; index.json promises more")
-    finally:
-        stream.close()
+        data = read_bytes(base, piece.file)
+        problem = shard_problem(data, piece.shard)
+        if problem:
+            raise DataError(problem)
+        try:
+            samples = list(tar_samples(data, piece))
+        except (tarfile.TarError, ValueError) as exc:  # webdataset re-raises tar damage as it meets it
+            raise DataError(f"{piece.file}: damaged tar ({exc})") from exc
+        if len(samples) < piece.take:
+            raise DataError(f"{piece.file}: damaged tar: {piece.skip + len(samples)} readable samples, "
+                            f"index.json promises {piece.skip + piece.take}")
+    except DataError as exc:
+        if strict:
+            raise
+        samples += [Lost(f"{exc}; its unread samples are skipped")] * (piece.take - len(samples))
+    return samples
 
 
 def block_shuffle(samples: Iterator[dict], block: int, seed: list[int], first_block: int,
@@ -154,7 +195,10 @@ def collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Te
 
 
 class ShardStream(IterableDataset):
-    """One rank's batches of one split for one epoch: uint8 NHWC images and int64 labels.
+    """One rank's batches of one split for one epoch: (uint8 NHWC images, int64 labels, lost, problems).
+
+    `lost` counts the batch's samples that could not be read (a damaged or changed shard, an image that
+    does not decode), `problems` says why, once per cause. strict=True raises instead.
 
     train=True: seeded shard order, block shuffle, exactly `num_batches` full batches on every rank
     (the tail that does not fill a batch on every rank is left for other epochs' orders).
@@ -163,8 +207,9 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, base: str, index: DatasetIndex, split: str, *, batch_size: int, rank: int,
-                 world_size: int, train: bool, seed: int = 0, grad_accum: int = 1, shuffle_block: int = 2048):
-        self.base, self.index, self.split_name = base, index, split
+                 world_size: int, train: bool, seed: int = 0, grad_accum: int = 1, shuffle_block: int = 2048,
+                 strict: bool = False):
+        self.base, self.index, self.split_name, self.strict = base, index, split, strict
         self.split = index.splits[split]
         self.batch_size, self.rank, self.world_size, self.train = batch_size, rank, world_size, train
         self.seed, self.shuffle_block = seed, shuffle_block
@@ -193,7 +238,7 @@ class ShardStream(IterableDataset):
             return 0, 1
         return (info.id + self.start_batch) % info.num_workers, info.num_workers
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple]:
         worker, num_workers = self._worker()
         mine = worker_batches(self.num_batches, worker, num_workers)
         done = len(worker_batches(self.start_batch, worker, num_workers))
@@ -212,20 +257,40 @@ class ShardStream(IterableDataset):
             samples = self._read(order, begin + skip, end)
         yield from self._batches(samples)
 
-    def _read(self, order: list[int], start: int, stop: int) -> Iterator[dict]:
+    def _read(self, order: list[int], start: int, stop: int) -> Iterator[dict | Lost]:
         for piece in pieces_for_range(self.split, order, start, stop):
-            yield from read_piece(self.base, piece)
+            yield from read_piece(self.base, piece, self.strict)
 
-    def _batches(self, samples: Iterator[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        size, channels = tuple(self.index.image_size), self.index.channels
-        batch = []
-        for sample in samples:
-            batch.append(decode_sample(sample, channels, size))
-            if len(batch) == self.batch_size:
-                yield collate(batch)
-                batch = []
-        if batch:
-            yield collate(batch)
+    def _decode(self, sample: dict | Lost) -> tuple[np.ndarray, int] | Lost:
+        if isinstance(sample, Lost):
+            return sample
+        try:
+            return decode_sample(sample, self.index.channels, tuple(self.index.image_size))
+        except DataError as exc:
+            if self.strict:
+                raise
+            return Lost(f"{exc}; sample skipped")
+
+    def _batches(self, samples: Iterator[dict | Lost]) -> Iterator[tuple]:
+        """Every batch_size stream positions make one batch, whatever was lost, so batch counts stay exact."""
+        previous: list = []
+        while chunk := [self._decode(s) for s in islice(samples, self.batch_size)]:
+            good = [item for item in chunk if not isinstance(item, Lost)]
+            problems = sorted({item.reason for item in chunk if isinstance(item, Lost)})
+            lost = len(chunk) - len(good)
+            if lost and self.train:
+                # Train batches stay full (DDP and BatchNorm want equal, non-empty batches): lost places are
+                # filled with this batch's readable samples, or with the previous batch if none is readable.
+                pool = good or previous
+                if not pool:
+                    raise DataError(f"{self.split_name}: no readable sample to train on ({problems[0]})")
+                good = good + list(islice(cycle(pool), self.batch_size - len(good)))
+            previous = good or previous
+            if good:
+                yield (*collate(good), lost, problems)
+            elif lost:  # an eval batch with nothing readable: report it with an empty batch
+                yield (torch.empty(0, *self.index.image_size, self.index.channels, dtype=torch.uint8),
+                       torch.empty(0, dtype=torch.int64), lost, problems)
 
 
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:
@@ -235,4 +300,5 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> Data
     costs milliseconds.
     """
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None, persistent_workers=False)
+                      prefetch_factor=4 if num_workers else None, persistent_workers=False,
+                      worker_init_fn=ignore_stop_signals if num_workers else None)
