@@ -13,7 +13,7 @@ from resnet_dist.storage import read_index
 
 def fingerprints(batches):
     """One hash per image: the synthetic images are distinct, so equal hashes mean the same sample."""
-    return [hashlib.sha1(img.numpy().tobytes()).hexdigest() for images, _ in batches for img in images]
+    return [hashlib.sha1(img.numpy().tobytes()).hexdigest() for images, *_ in batches for img in images]
 
 
 def rank_batches(base, index, split, rank, world, workers, *, epoch=0, start=0, batch=16, train=True, **kw):
@@ -24,11 +24,10 @@ def rank_batches(base, index, split, rank, world, workers, *, epoch=0, start=0, 
 
 
 def test_pieces_cover_range_in_order():
-    split = SplitInfo(10, (ShardInfo("a", 4, "", 1), ShardInfo("b", 3, "", 1), ShardInfo("c", 3, "", 1)))
-    assert pieces_for_range(split, [2, 0, 1], 2, 8) == [
-        type(pieces_for_range(split, [0], 0, 1)[0])("c", 2, 1),
-        type(pieces_for_range(split, [0], 0, 1)[0])("a", 0, 4),
-        type(pieces_for_range(split, [0], 0, 1)[0])("b", 0, 1)]
+    shards = (ShardInfo("a", 4, "", 1), ShardInfo("b", 3, "", 1), ShardInfo("c", 3, "", 1))
+    split = SplitInfo(10, shards)
+    got = [(p.file, p.skip, p.take) for p in pieces_for_range(split, [2, 0, 1], 2, 8)]
+    assert got == [("c", 2, 1), ("a", 0, 4), ("b", 0, 1)]
     assert pieces_for_range(split, [0, 1, 2], 5, 5) == []
 
 
@@ -55,7 +54,7 @@ def test_equal_batches_per_rank_no_sample_twice(one_shard, world, workers):
     per_rank = [rank_batches(one_shard, index, "train", r, world, workers)[0] for r in range(world)]
     counts = {len(b) for b in per_rank}
     assert counts == {203 // (16 * world)}
-    assert all(images.shape[0] == 16 for b in per_rank for images, _ in b)
+    assert all(images.shape[0] == 16 and lost == 0 for b in per_rank for images, _, lost, _ in b)
     seen = [fp for b in per_rank for fp in fingerprints(b)]
     assert len(seen) == len(set(seen)) == 203 // (16 * world) * 16 * world
 
@@ -81,7 +80,7 @@ def test_eval_counts_every_sample_exactly_once(synthetic_shards, world, workers)
 def test_labels_match_the_shards(synthetic_shards):
     index = read_index(str(synthetic_shards))
     batches, _ = rank_batches(synthetic_shards, index, "val", 0, 1, 0, train=False)
-    labels = Counter(int(y) for _, ys in batches for y in ys)
+    labels = Counter(int(y) for _, ys, *_ in batches for y in ys)
     assert sum(labels.values()) == 60 and set(labels) == set(range(4))
 
 

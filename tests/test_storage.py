@@ -31,7 +31,7 @@ def served(synthetic_shards):
 
 def fingerprints(base, index, split, train):
     stream = ShardStream(base, index, split, batch_size=8, rank=0, world_size=1, train=train, seed=3)
-    return [hashlib.sha1(x.numpy().tobytes()).hexdigest() for x, _ in make_loader(stream, 1, False)]
+    return [hashlib.sha1(x.numpy().tobytes()).hexdigest() for x, *_ in make_loader(stream, 1, False)]
 
 
 def test_http_prefix_streams_the_same_batches_as_the_folder(served, synthetic_shards):
@@ -78,8 +78,8 @@ def test_not_a_shard_folder(tmp_path):
         read_index(str(tmp_path))
 
 
-def test_undecodable_image_while_training_is_one_line_naming_the_shard(synthetic_shards, tmp_path):
-    """A damaged image met by a loader worker ends the run with the worker's own message, not its traceback."""
+def test_damaged_shard_with_strict_data_is_one_line_naming_the_shard(synthetic_shards, tmp_path):
+    """A data error raised in a loader worker ends the run with the worker's own message, not its traceback."""
     import subprocess
     import sys
 
@@ -92,10 +92,9 @@ def test_undecodable_image_while_training_is_one_line_naming_the_shard(synthetic
     data[600:640] = bytes(b ^ 0xFF for b in data[600:640])  # inside the first PNG, size unchanged
     first.write_bytes(bytes(data))
     result = subprocess.run([sys.executable, str(TRAIN), "--data", str(copy), "--out", str(tmp_path / "r"),
-                             "--width", "8", "--batch-size", "16", "--num-workers", "1", "--wandb-mode", "disabled"],
-                            capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=300)
+                             "--width", "8", "--batch-size", "16", "--num-workers", "1", "--wandb-mode", "disabled",
+                             "--strict-data"], capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=300)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: {first.name}:{'train_00000000'}: image does not decode "
-        "(unrecognized data stream contents when reading image file)"]
+        f"error: {first.name}: sha256 differs from index.json (the shard changed since it was written)"]

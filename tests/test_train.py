@@ -102,10 +102,11 @@ def test_resume_mid_epoch_continues_and_matches_uninterrupted(synthetic_shards, 
     ok(train(*args, "--out", str(tmp_path / "full")))
     ok(train(*args, "--out", str(tmp_path / "cut"), "--max-steps", "5"))  # stops mid-epoch 1
     assert read_json(tmp_path / "cut" / "summary.json")["steps_done"] == 5
-    again = train(*args, "--out", str(tmp_path / "cut"))
-    assert again.returncode != 0  # an existing run is never overwritten; the error is stderr's first line
-    assert again.stderr.splitlines()[0].startswith("error: ") and "--resume" in again.stderr.splitlines()[0]
-    ok(train(*args, "--out", str(tmp_path / "cut"), "--resume"))
+    other = train(*args, "--seed", "7", "--out", str(tmp_path / "cut"))  # other settings: never mixed in
+    assert other.returncode != 0
+    assert other.stderr.splitlines()[0] == (f"error: {tmp_path / 'cut'} holds a run with other settings (seed): "
+                                            "choose another --out for a new run, or repeat its settings to resume it")
+    ok(train(*args, "--out", str(tmp_path / "cut")))  # the same command again resumes by itself
     full, cut = read_json(tmp_path / "full" / "summary.json"), read_json(tmp_path / "cut" / "summary.json")
     assert cut["steps_done"] == full["steps_done"] == 2 * (540 // 64)
     assert [h["epoch"] for h in read_json(tmp_path / "cut" / "history.json")] == [1, 2]

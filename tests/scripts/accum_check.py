@@ -12,7 +12,9 @@ import torch
 from accelerate import Accelerator
 
 from resnet_dist.augment import BatchAugment
+from resnet_dist.distributed import end_run
 from resnet_dist.engine import train_step
+from resnet_dist.guard import StepGuard, StopRequest
 from resnet_dist.optim import build_optimizer, build_scheduler
 
 out, K, B, STEPS = sys.argv[1], 4, 3, 2
@@ -33,7 +35,8 @@ def train(accum: int, batch: int):
     sched = build_scheduler(cfg, opt, total_steps=10, steps_per_epoch=10)
     net, opt = acc.prepare(net, opt)
     run = SimpleNamespace(accelerator=acc, cfg=cfg, model=net, optimizer=opt, scheduler=sched,
-                          augment=BatchAugment([0.5] * 3, [0.25] * 3, acc.device, padding=0, flip=False))
+                          augment=BatchAugment([0.5] * 3, [0.25] * 3, acc.device, padding=0, flip=False),
+                          guard=StepGuard(acc, StopRequest(), max_bad_steps=0))
     g = torch.Generator().manual_seed(1)
     # Same global data both ways: rank r takes rows [r*K*B, (r+1)*K*B) of each step's global batch.
     data = torch.randint(0, 256, (STEPS, acc.num_processes * K * B, 6, 6, 3), generator=g, dtype=torch.uint8)
@@ -54,4 +57,4 @@ if acc.is_main_process:
                "sched_steps_big": steps_big, "world_size": acc.num_processes,
                "moved": (w_big - torch.cat([p.flatten() for p in model().parameters()])).abs().max().item()},
               open(out, "w"))
-acc.end_training()
+end_run(acc)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 
-from resnet_dist.distributed import CPUSyncBatchNorm, check_world_size, convert_sync_batchnorm
+from resnet_dist.distributed import CPUSyncBatchNorm, check_world_size, convert_sync_batchnorm, end_run
 
 STEPS = 2  # two batches: the running stats' second update starts from a non-default value
 
@@ -127,7 +127,7 @@ def main(outdir: str) -> None:
     dist.all_gather_object(result["ranks"], rank)
     if accelerator.is_main_process:
         Path(outdir, "syncbn.json").write_text(json.dumps(result, indent=1))
-    accelerator.end_training()  # a gloo group left alive can abort the process at exit
+    end_run(accelerator)  # a gloo group left alive can abort the process at exit
 
 
 if __name__ == "__main__":

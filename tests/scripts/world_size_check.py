@@ -17,7 +17,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from resnet_dist.distributed import check_world_size
+from resnet_dist.distributed import check_world_size, end_run
 from resnet_dist.errors import run_cli
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     try:
         check_world_size(accelerator)
     finally:
-        accelerator.end_training()  # a gloo group left alive can abort the process at exit
+        end_run(accelerator)  # a gloo group left alive can abort the process at exit
     return 0
 
 
