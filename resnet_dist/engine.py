@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -20,6 +21,7 @@ from .data import ShardStream, make_loader
 from .distributed import check_world_size
 from .errors import TrainingError, UsageError
 from .guard import StepGuard
+from .hardware import cpu_has_bf16
 from .index import DatasetIndex
 from .tracking import Meter, Reporter
 
@@ -69,6 +71,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
     accelerator = Accelerator(
         cpu=on_cpu,  # without it, a CPU-only launch of N processes gives N runs of world size 1
+        mixed_precision=precision_override(cfg, on_cpu),
+        dynamo_backend="inductor" if cfg.compile else None,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=None if cfg.wandb_mode == "disabled" else "wandb",
         project_dir=cfg.out,
@@ -78,6 +82,20 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     if on_cpu and accelerator.mixed_precision == "fp16":
         raise UsageError("fp16 mixed precision has no autocast on CPU; use --mixed_precision bf16 or no")
     return accelerator
+
+
+def precision_override(cfg: TrainConfig, on_cpu: bool) -> str | None:
+    """bf16 on a bf16-capable CPU when the launch asked for none (the faster path by default); else
+    None, which leaves Accelerate's own choice (--mixed_precision / the config file) alone."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if on_cpu and cfg.cpu_bf16 == "auto" and launched == "no" and cpu_has_bf16():
+        return "bf16"
+    return None
+
+
+def bare(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model without DDP or torch.compile wrappers: what checkpoints hold and evaluation runs."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def save(run: Run, name: str, metrics: dict | None = None) -> None:
@@ -96,7 +114,7 @@ def save(run: Run, name: str, metrics: dict | None = None) -> None:
                 "mean": run.index.mean, "std": run.index.std}
         folder = run.run_dir / "checkpoints" / name
         try:
-            save_checkpoint(folder, acc.unwrap_model(run.model), state, meta)
+            save_checkpoint(folder, bare(acc, run.model), state, meta)
         except OSError as exc:
             raise TrainingError(f"cannot write checkpoint {folder}: {exc.strerror or exc}; "
                                 f"the previous checkpoint is intact") from exc
@@ -231,7 +249,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, stream: ShardStre
     The unwrapped model runs in eval mode, so no collective happens per batch and ranks may run
     different numbers of batches.
     """
-    model = accelerator.unwrap_model(model)
+    model = bare(accelerator, model)
     was_training = model.training
     model.eval()
     device = accelerator.device

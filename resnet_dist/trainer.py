@@ -15,7 +15,7 @@ from .checkpoint import find_checkpoint, load_checkpoint, write_json_atomic
 from .config import TrainConfig, parse_args
 from .data import ShardStream
 from .distributed import convert_sync_batchnorm, end_run
-from .engine import Run, evaluate, make_accelerator, report_problems, run_is_done, save, train_one_epoch
+from .engine import Run, bare, evaluate, make_accelerator, precision_override, report_problems, run_is_done, save, train_one_epoch
 from .errors import Interrupted, TrainingError, UsageError
 from .guard import Diverged, StepGuard, StopRequest, is_collective_timeout, name_silent_ranks
 from .models import build_model, count_parameters
@@ -109,7 +109,7 @@ def restore(run: Run, folder: Path) -> None:
     if changed:
         raise UsageError(f"{run.run_dir} holds a run with other settings ({', '.join(changed)}): "
                          f"choose another --out for a new run, or repeat its settings to resume it")
-    run.accelerator.unwrap_model(run.model).load_state_dict(weights)
+    bare(run.accelerator, run.model).load_state_dict(weights)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler") is not None and run.accelerator.scaler is not None:
@@ -215,12 +215,14 @@ def stop(run: Run) -> None:
 
 def announce(run: Run) -> None:
     acc, cfg = run.accelerator, run.cfg
-    params = count_parameters(acc.unwrap_model(run.model))
+    params = count_parameters(bare(acc, run.model))
     run.reporter.line(
         f"{cfg.model} ({params:,} parameters) on {run.index.source}: {acc.num_processes} process(es) on "
         f"{acc.device.type}, mixed precision {acc.mixed_precision}, global batch {run.global_batch} "
         f"({cfg.batch_size} x {acc.num_processes} processes x {cfg.grad_accum} accumulation), "
         f"{run.train.num_batches} micro-batches per rank per epoch")
+    if precision_override(cfg, acc.device.type == "cpu"):
+        run.reporter.line("note: bf16 autocast because this CPU computes bf16 natively (--cpu-bf16 off keeps fp32)")
     if run.val_split == "test":
         run.reporter.line("note: the shards have no val split, so test picks the best checkpoint; "
                           "pack with --val-fraction to keep test unseen")
@@ -248,6 +250,7 @@ def finish(run: Run, wall: float) -> dict:
         run.problems += test["problems"]
         report_problems(run)
         summary["data_problems"] = sorted(run.reported)
+    summary["data_wait"], summary["diagnosis"] = diagnose(run.history, run.cfg.num_workers)
     if acc.is_main_process:
         if run.cfg.wandb_mode != "disabled":  # the W&B run's summary, not one more history row
             wandb_run = acc.get_tracker("wandb", unwrap=True)
@@ -255,7 +258,10 @@ def finish(run: Run, wall: float) -> dict:
             if run.cfg.wandb_mode == "offline":
                 run.reporter.line(f"W&B offline run: upload it with `wandb sync {Path(wandb_run.dir).parent}`")
         write_json_atomic(run.run_dir / "summary.json", summary)
-        run.reporter.table("resnet-dist run summary", {k: v for k, v in summary.items() if v is not None})
+        run.reporter.table("resnet-dist run summary", {k: v for k, v in summary.items()
+                                                       if v is not None and k not in ("diagnosis", "data_problems")})
+        if summary["diagnosis"]:
+            run.reporter.line(summary["diagnosis"])
         if "test_top1" in summary:
             run.reporter.line(f"test top-1 {summary['test_top1']:.2%} on {summary['eval_counts']['test']:,} images; "
                               f"run folder {run.run_dir}")
@@ -266,3 +272,18 @@ def main(argv=None) -> int:
     """`launch/train.py`'s body: parse, validate, train."""
     fit(parse_args(argv))
     return 0
+
+
+def diagnose(history: list[dict], num_workers: int, threshold: float = 0.10) -> tuple[float | None, str]:
+    """(data-wait fraction of the run's training time, one line saying what limits its speed)."""
+    seconds = sum(h["epoch_seconds"] for h in history)
+    if not seconds:
+        return None, ""
+    wait = sum(h["data_wait"] * h["epoch_seconds"] for h in history) / seconds
+    rate = sum(h["img_per_s"] * h["epoch_seconds"] for h in history) / seconds
+    if wait >= threshold:
+        return wait, (f"diagnosis: input-bound: the model waited for data {wait:.0%} of the time at {rate:,.0f} img/s; "
+                      f"more --num-workers (now {num_workers} per process), PNG rather than JPEG shards or "
+                      f"fewer processes per core would speed it up")
+    return wait, (f"diagnosis: compute-bound: the model waited for data {wait:.0%} of the time at {rate:,.0f} img/s; "
+                  f"the loader keeps up, so only a faster step (bf16, a GPU, more processes) speeds this run up")

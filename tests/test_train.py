@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch, read_json, shard, train
+from conftest import ROOT, TRAIN, launch, read_json, run_env, shard, train
+from resnet_dist.hardware import cpu_has_bf16
 from wandb_log import config, history, run_file, summary
 
 pytestmark = pytest.mark.slow
@@ -128,3 +129,27 @@ def test_fp16_on_cpu_is_refused_in_one_line(synthetic_shards, tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: fp16 mixed precision has no autocast on CPU; use --mixed_precision bf16 or no"]
+
+
+def test_precision_default_follows_the_hardware_and_can_be_turned_off(synthetic_shards, tmp_path):
+    args = ["--data", str(synthetic_shards), "--epochs", "1", "--max-steps", "2", *TINY, "--wandb-mode", "disabled"]
+    ok(train(*args, "--out", str(tmp_path / "auto")))
+    ok(train(*args, "--out", str(tmp_path / "off"), "--cpu-bf16", "off"))
+    assert read_json(tmp_path / "auto" / "summary.json")["mixed_precision"] == ("bf16" if cpu_has_bf16() else "no")
+    assert read_json(tmp_path / "off" / "summary.json")["mixed_precision"] == "no"
+    summary = read_json(tmp_path / "off" / "summary.json")
+    assert 0 <= summary["data_wait"] <= 1 and summary["diagnosis"].startswith("diagnosis: ")
+
+
+def test_compile_trains_and_saves_plain_weights(synthetic_shards, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "r"
+    result = subprocess.run([sys.executable, str(TRAIN), "--data", str(synthetic_shards), "--out", str(out),
+                             "--compile", "--max-steps", "2", "--width", "4", "--batch-size", "16",
+                             "--num-workers", "0", "--wandb-mode", "disabled"],
+                            capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=600)
+    ok(result)
+    keys = load_file(out / "checkpoints" / "last" / "model.safetensors").keys()
+    assert "fc.weight" in keys and not any("_orig_mod" in k for k in keys)  # loadable without compile
