@@ -1,0 +1,299 @@
+"""python -m resnet_dist.evaluate: a checkpoint's exact metrics on one split of a shard folder.
+
+    python -m resnet_dist.evaluate --checkpoint runs/fm --data shards/fm --split test [--tta flip]
+    accelerate launch --config_file accelerate_configs/cpu_ddp.yaml -m resnet_dist.evaluate ...
+
+Only `meta.json` (JSON) and `model.safetensors` are read: the pickle-based `state.pt` of a checkpoint is
+never opened, so evaluating a checkpoint from elsewhere cannot run code. Counting is exact across ranks
+(each rank evaluates a contiguous slice, then one all-reduce of the sums and of the confusion matrix),
+and precision/recall/F1 come from that all-reduced confusion matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from .augment import BatchAugment
+from .checkpoint import find_checkpoint, load_weights, write_json_atomic
+from .config import TrainConfig
+from .data import ShardStream, make_loader
+from .distributed import check_world_size, end_run
+from .engine import evaluate, topk_correct
+from .errors import DataError, UsageError, run_cli
+from .index import DatasetIndex
+from .models import build_model
+from .storage import check_shards, read_index
+
+TTA_CHOICES = ("none", "flip")
+
+
+# ---------------------------------------------------------------- finding and loading a checkpoint
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder as given, or a run folder's checkpoints/best, else checkpoints/last."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"--checkpoint {path}: no such file or folder")
+    found = find_checkpoint(path)
+    if found is not None:
+        return found
+    for name in ("best", "last"):
+        found = find_checkpoint(path / "checkpoints" / name)
+        if found is not None:
+            return found
+    raise UsageError(f"--checkpoint {path}: neither a checkpoint folder (meta.json + model.safetensors) "
+                     f"nor a run folder holding checkpoints/best or checkpoints/last")
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """RUN_DIR of RUN_DIR/checkpoints/<name>; the checkpoint folder itself if it lives elsewhere."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
+def read_meta(checkpoint: Path) -> dict:
+    try:
+        meta = json.loads((checkpoint / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{checkpoint / 'meta.json'}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("classes"), list):
+        raise DataError(f"{checkpoint / 'meta.json'}: lacks the run's config and class names")
+    return meta
+
+
+def config_of(meta: dict) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in meta["config"].items() if k in known})
+
+
+def stem_channels(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """(name, input channels) of the first convolution's weight in the checkpoint."""
+    name = next(k for k, v in model.state_dict().items() if v.ndim == 4)
+    if name not in weights or weights[name].ndim != 4:
+        raise DataError(f"checkpoint weights lack {name}: not a {type(model).__name__} checkpoint")
+    return name, int(weights[name].shape[1])
+
+
+def load_model(checkpoint: Path, meta: dict, index: DatasetIndex, data: str) -> torch.nn.Module:
+    """The checkpoint's model, built from its own config; refused if it does not fit the shards."""
+    cfg = config_of(meta)
+    if list(meta["classes"]) != list(index.classes):
+        raise UsageError(f"checkpoint {checkpoint} was trained on {len(meta['classes'])} classes "
+                         f"({', '.join(map(str, meta['classes'][:5]))}{', ...' if len(meta['classes']) > 5 else ''}) "
+                         f"but {data} has {index.num_classes} ({', '.join(index.classes[:5])}"
+                         f"{', ...' if index.num_classes > 5 else ''})")
+    model = build_model(cfg.model, num_classes=index.num_classes, in_channels=index.channels, stem=cfg.stem,
+                        width=cfg.width or None, dropout=cfg.dropout, zero_init_residual=cfg.zero_init_residual)
+    weights = load_weights(checkpoint)
+    _, channels = stem_channels(model, weights)
+    if channels != index.channels:
+        raise UsageError(f"checkpoint {checkpoint} takes {channels}-channel images but {data} holds "
+                         f"{index.channels}-channel images")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise DataError(f"{checkpoint}: weights do not fit a {cfg.model} of width {cfg.width} "
+                        f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    return model
+
+
+# ---------------------------------------------------------------- evaluation with flip TTA
+
+@torch.no_grad()
+def evaluate_flip(accelerator: Accelerator, model: torch.nn.Module, stream: ShardStream, augment: BatchAugment,
+                  num_workers: int, num_classes: int) -> dict:
+    """engine.evaluate with test-time augmentation: the mean of the softmax of each image and its
+    horizontal mirror. The same exact accounting: per-rank sums, one all-reduce."""
+    model.eval()
+    device = accelerator.device
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5, count, lost
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    problems = []
+    for images, labels, lost, batch_problems in make_loader(stream, num_workers, pin_memory=device.type == "cuda"):
+        sums[4] += lost
+        problems += batch_problems
+        if labels.numel() == 0:
+            continue
+        images, labels = images.to(device), labels.to(device)
+        both = torch.cat([images, images.flip(2)])  # uint8 NHWC: dim 2 is width
+        with accelerator.autocast():
+            logits = model(augment.eval(both)).float()
+        probs = logits.softmax(1).view(2, len(labels), -1).mean(0)  # (N, classes)
+        sums[:4] += torch.stack([F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double(),
+                                 topk_correct(probs, labels, 1).double(), topk_correct(probs, labels, 5).double(),
+                                 torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+        confusion.index_put_((labels, probs.argmax(1)), torch.ones_like(labels), accumulate=True)
+    sums = accelerator.reduce(sums, reduction="sum")
+    confusion = accelerator.reduce(confusion, reduction="sum")
+    n = max(sums[3].item(), 1.0)
+    return {"loss": sums[0].item() / n, "top1": sums[1].item() / n, "top5": sums[2].item() / n,
+            "count": int(sums[3].item()), "lost": int(sums[4].item()), "problems": problems,
+            "confusion": confusion.cpu().tolist()}
+
+
+def per_class(confusion, classes: list[str]) -> tuple[list[dict], dict]:
+    """Per-class precision/recall/F1/support from a confusion matrix (rows: true, columns: predicted),
+    and their unweighted (macro) means. A class never predicted has precision 0 (scikit-learn's default)."""
+    c = np.asarray(confusion, dtype=np.float64)
+    hits, predicted, support = np.diag(c), c.sum(0), c.sum(1)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(hits), where=denom > 0)
+    rows = [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(classes, precision, recall, f1, support)]
+    macro = {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())}
+    return rows, macro
+
+
+# ---------------------------------------------------------------- outputs
+
+def plot_confusion(path: Path, confusion, classes: list[str], title: str) -> None:
+    """Rows normalised to the true class (so the diagonal is per-class recall); counts written in each
+    cell when there are at most 20 classes. Written to a temporary file, then renamed."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    c = np.asarray(confusion, dtype=np.float64)
+    rows = c.sum(1, keepdims=True)
+    norm = np.divide(c, rows, out=np.zeros_like(c), where=rows > 0)
+    k = len(classes)
+    side = min(max(4.0, 0.5 * k + 2), 30.0)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if k <= 50:
+        ax.set_xticks(range(k), classes, rotation=45, ha="right")
+        ax.set_yticks(range(k), classes)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{int(c[i, j])}", ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def print_results(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = max(console.width, 120)  # logs and pipes: no truncated columns
+    head = (f"{result['split']} of {result['data']}{' with flip TTA' if result['tta'] == 'flip' else ''}: "
+            f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}  "
+            f"on {result['count']:,} samples ({result['lost']} lost), {result['world_size']} process(es)")
+    table = Table(title=f"evaluation of {result['checkpoint']}")
+    for name in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(name, justify="left" if name == "class" else "right")
+    for row in result["per_class"]:
+        table.add_row(str(row["class"]), f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
+                      f"{row['support']:,}")
+    macro = result["macro"]
+    table.add_row("macro average", f"{macro['precision']:.4f}", f"{macro['recall']:.4f}", f"{macro['f1']:.4f}",
+                  f"{result['count']:,}", style="bold")
+    console.print(table)
+    console.print(head)
+    for problem in sorted(set(result["problems"])):
+        console.print(f"warning: {problem}")
+    console.print(f"wrote {Path(result['out']) / 'eval.json'} and {Path(result['out']) / 'confusion.png'}")
+
+
+# ---------------------------------------------------------------- command line
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's complaints become a UsageError: one line and exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m resnet_dist.evaluate",
+                                     description="Evaluate a checkpoint on one split of a shard folder.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint folder (RUN_DIR/checkpoints/best) or a run folder (best, else last)")
+    parser.add_argument("--data", required=True, help="shard folder or http(s) URL prefix holding index.json")
+    parser.add_argument("--split", default="test", help="split of the shards to evaluate (default: test)")
+    parser.add_argument("--tta", default="none", choices=TTA_CHOICES,
+                        help="flip: average the softmax of each image and its horizontal mirror")
+    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval-SPLIT[-tta])")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per process per batch (default: 256)")
+    parser.add_argument("--num-workers", type=int, default=2, help="loader worker processes per process (default: 2)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive (got {args.batch_size})")
+    if args.num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0 (got {args.num_workers})")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    checkpoint = resolve_checkpoint(Path(args.checkpoint))
+    meta = read_meta(checkpoint)
+    index = read_index(args.data)
+    if args.split not in index.splits:
+        raise UsageError(f"--split {args.split}: {args.data} has splits {', '.join(sorted(index.splits))}")
+    model = load_model(checkpoint, meta, index, args.data)
+    check_shards(args.data, index, [args.split])
+    suffix = "-tta" if args.tta == "flip" else ""
+    out = Path(args.out) if args.out else run_folder_of(checkpoint) / f"eval-{args.split}{suffix}"
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    check_world_size(accelerator)
+    cfg = config_of(meta)
+    model = model.to(accelerator.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    stream = ShardStream(args.data, index, args.split, batch_size=args.batch_size, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, train=False)
+    # The model saw the mean/std of the shards it was trained on: normalise with those.
+    augment = BatchAugment(meta.get("mean", index.mean), meta.get("std", index.std), accelerator.device,
+                           channels_last=cfg.channels_last)
+    run = evaluate_flip if args.tta == "flip" else evaluate
+    metrics = run(accelerator, model, stream, augment, args.num_workers, index.num_classes)
+    rows, macro = per_class(metrics["confusion"], index.classes)
+    result = {"checkpoint": str(checkpoint), "data": str(args.data), "split": args.split, "tta": args.tta,
+              "model": cfg.model, "epoch": meta.get("epoch"), "global_step": meta.get("global_step"),
+              "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+              "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
+              "count": metrics["count"], "lost": metrics["lost"], "expected_count": index.splits[args.split].num_samples,
+              "macro": macro, "per_class": rows, "classes": index.classes, "confusion": metrics["confusion"],
+              "problems": sorted(set(metrics["problems"])), "out": str(out)}
+    if accelerator.is_main_process:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out {out}: cannot create ({exc.strerror})") from None
+        write_json_atomic(out / "eval.json", result)
+        title = f"{cfg.model} on {args.split}{' (flip TTA)' if suffix else ''}: top-1 {metrics['top1']:.2%}"
+        plot_confusion(out / "confusion.png", metrics["confusion"], index.classes, title)
+        print_results(result)
+    end_run(accelerator)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
