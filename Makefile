@@ -36,8 +36,7 @@ demo: shards
 	rm -rf $(RUN)
 	WANDB_SILENT=true $(BIN)/accelerate launch --config_file accelerate_configs/cpu_ddp.yaml \
 	  --mixed_precision bf16 launch/train.py --data $(SHARDS) --out $(RUN) \
-	  --model resnet18 --width 16 --epochs 3 --batch-size 128 --schedule onecycle --lr 0.2 \
-	  --label-smoothing 0.1 --num-workers 1 --log-every 50
+	  --recipe fashion-mnist-demo --num-workers 1 --log-every 50
 
 test: install
 	$(BIN)/python -m pytest -q

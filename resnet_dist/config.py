@@ -15,6 +15,7 @@ from typing import Sequence
 
 from .errors import UsageError
 from .models import MODELS
+from .recipes import RECIPES
 
 
 def opt(default, help: str, choices: Sequence[str] | None = None):
@@ -26,6 +27,7 @@ class TrainConfig:
     # where
     data: str = opt("", "shard folder or http(s) URL prefix holding index.json (python -m resnet_dist.shard)")
     out: str = opt("", "run folder: config, history, summary, checkpoints, plots, W&B run")
+    recipe: str = opt("", f"start from a named setup ({', '.join(RECIPES)}); flags given override it")
     # model
     model: str = opt("resnet18", "architecture", MODELS)
     stem: str = opt("cifar", "cifar: 3x3 stride 1, no max-pool (small images); imagenet: 7x7 stride 2 + max-pool",
@@ -46,6 +48,9 @@ class TrainConfig:
     warmup_epochs: float = opt(0.0, "linear warm-up from 0 (onecycle: length of the rising phase)")
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
     sync_bn: bool = opt(False, "synchronise BatchNorm statistics across processes")
+    scale_lr: str = opt("none", "linear: scale --lr by the actual global batch over the one the recipe was tuned for",
+                        ("none", "linear"))
+    tuned_global_batch: int = opt(0, "global batch the lr was tuned for (set by --recipe; used by --scale-lr linear)")
     # data
     crop_padding: int = opt(4, "random-crop padding in pixels (0: no crop)")
     flip: bool = opt(True, "random horizontal flip")
@@ -73,26 +78,29 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every TrainConfig field as a flag. Defaults are suppressed so that parse_args can tell the flags a
+    user gave (which override a recipe) from the ones left out (which a recipe may set)."""
     parser = argparse.ArgumentParser(
-        prog="accelerate launch launch/train.py",
+        prog="accelerate launch launch/train.py", argument_default=argparse.SUPPRESS,
         description="Train a ResNet on WebDataset shards with Accelerate (DDP, mixed precision, SyncBN).")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata["help"]
+        help_ = f"{f.metadata['help']} (default: {f.default if f.default != '' else 'none'})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"],
-                                help=f"{help_} (default: {f.default})")
+            parser.add_argument(flag, type=kind, choices=f.metadata["choices"], help=help_)
+    parser.add_argument("--print-config", action="store_true", default=False,
+                        help="print the resolved config as JSON and exit (needs no --data)")
     return parser
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Raise UsageError naming the first option that makes no sense."""
+def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
+    """Raise UsageError naming the first option that makes no sense (paths=False: --data/--out may be absent)."""
     checks = [
-        (bool(cfg.data), "--data is required: a shard folder or URL made by `python -m resnet_dist.shard`"),
-        (bool(cfg.out), "--out is required: the run folder"),
+        (bool(cfg.data) or not paths, "--data is required: a shard folder or URL made by `python -m resnet_dist.shard`"),
+        (bool(cfg.out) or not paths, "--out is required: the run folder"),
         (cfg.epochs > 0, f"--epochs must be positive (got {cfg.epochs})"),
         (cfg.batch_size > 0, f"--batch-size must be positive (got {cfg.batch_size})"),
         (cfg.grad_accum > 0, f"--grad-accum must be at least 1 (got {cfg.grad_accum})"),
@@ -113,6 +121,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.collective_timeout > 0, f"--collective-timeout must be positive (got {cfg.collective_timeout})"),
         (not (cfg.nesterov and cfg.optimizer != "sgd"), "--nesterov applies to --optimizer sgd only"),
         (not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0"),
+        (cfg.tuned_global_batch >= 0, f"--tuned-global-batch must be >= 0 (got {cfg.tuned_global_batch})"),
+        (not (cfg.scale_lr == "linear" and not cfg.tuned_global_batch),
+         "--scale-lr linear needs the batch the lr was tuned for: a --recipe, or --tuned-global-batch N"),
     ]
     for ok, message in checks:
         if not ok:
@@ -120,9 +131,21 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    return validate(TrainConfig(**vars(args)))
+def resolve(given: dict) -> TrainConfig:
+    """Defaults, then the recipe's settings, then the flags given."""
+    name = given.get("recipe", "")
+    if name and name not in RECIPES:
+        raise UsageError(f"--recipe {name!r} does not exist; recipes: {', '.join(RECIPES)}")
+    recipe = RECIPES[name].settings | {"tuned_global_batch": RECIPES[name].global_batch} if name else {}
+    return TrainConfig(**(recipe | given))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
+    """(validated config, whether --print-config asked only to see it)."""
+    given = vars(build_parser().parse_args(argv))
+    print_only = given.pop("print_config")
+    cfg = resolve(given)
+    return validate(cfg, paths=not print_only), print_only
 
 
 def load_config(path) -> TrainConfig:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +23,7 @@ from .errors import Interrupted, TrainingError, UsageError
 from .guard import Diverged, StepGuard, StopRequest, is_collective_timeout, name_silent_ranks
 from .models import build_model, count_parameters
 from .optim import build_optimizer, build_scheduler
+from .recipes import RECIPES, scaled_lr
 from .storage import check_shards, read_index
 from .tracking import Reporter, plot_history, wandb_init_kwargs, write_history
 
@@ -59,8 +63,17 @@ def build(cfg: TrainConfig, index, accelerator) -> tuple[torch.nn.Module, torch.
     return model, optimizer
 
 
+def scale_for_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """--scale-lr linear: the lr follows the global batch actually used (logged in announce)."""
+    if cfg.scale_lr != "linear":
+        return cfg
+    return dataclasses.replace(cfg, lr=scaled_lr(cfg.lr, cfg.tuned_global_batch,
+                                                 cfg.batch_size * world_size * cfg.grad_accum))
+
+
 def setup(cfg: TrainConfig) -> Run:
     accelerator = make_accelerator(cfg)
+    cfg = scale_for_batch(cfg, accelerator.num_processes)
     run_dir = Path(cfg.out)
     index = read_index(cfg.data)
     val_split, eval_splits = pick_splits(cfg, index.splits)
@@ -159,7 +172,7 @@ def epoch_line(row: dict, split: str | None) -> str:
 def fit(cfg: TrainConfig) -> dict:
     """Train per `cfg`; return the run summary (also written to RUN_DIR/summary.json)."""
     run = setup(cfg)
-    acc, started = run.accelerator, time.time()
+    acc, started, cfg = run.accelerator, time.time(), run.cfg  # run.cfg: with the lr as scaled
     if acc.is_main_process:
         write_json_atomic(run.run_dir / "config.json", cfg.to_dict())
     acc.init_trackers(cfg.wandb_project, config=cfg.to_dict() | {"world_size": acc.num_processes,
@@ -221,6 +234,11 @@ def announce(run: Run) -> None:
         f"{acc.device.type}, mixed precision {acc.mixed_precision}, global batch {run.global_batch} "
         f"({cfg.batch_size} x {acc.num_processes} processes x {cfg.grad_accum} accumulation), "
         f"{run.train.num_batches} micro-batches per rank per epoch")
+    if cfg.recipe:
+        run.reporter.line(f"recipe {cfg.recipe}: {RECIPES[cfg.recipe].summary}")
+    if cfg.scale_lr == "linear":
+        run.reporter.line(f"lr scaled linearly to {cfg.lr:g}: tuned for a global batch of {cfg.tuned_global_batch}, "
+                          f"running with {run.global_batch}")
     if precision_override(cfg, acc.device.type == "cpu"):
         run.reporter.line("note: bf16 autocast because this CPU computes bf16 natively (--cpu-bf16 off keeps fp32)")
     if run.val_split == "test":
@@ -269,8 +287,12 @@ def finish(run: Run, wall: float) -> dict:
 
 
 def main(argv=None) -> int:
-    """`launch/train.py`'s body: parse, validate, train."""
-    fit(parse_args(argv))
+    """`launch/train.py`'s body: parse, validate, train (or only show the resolved config)."""
+    cfg, print_only = parse_args(argv)
+    if print_only:
+        sys.stdout.write(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        return 0
+    fit(cfg)
     return 0
 
 

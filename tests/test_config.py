@@ -60,6 +60,7 @@ def test_crop_larger_than_image_is_refused(synthetic_shards, tmp_path):
 
 
 def test_defaults_and_bool_flags_parse():
-    cfg = parse_args(["--data", "d", "--out", "o", "--no-flip", "--sync-bn", "--width", "32"])
+    cfg, print_only = parse_args(["--data", "d", "--out", "o", "--no-flip", "--sync-bn", "--width", "32"])
+    assert not print_only
     assert isinstance(cfg, TrainConfig) and cfg.flip is False and cfg.sync_bn is True and cfg.width == 32
     assert cfg.model == "resnet18" and cfg.wandb_mode == "offline"
