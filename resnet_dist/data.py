@@ -283,8 +283,8 @@ def tar_samples(data: bytes, piece: Piece) -> Iterator[dict]:
     """
     key, count, sample = None, 0, None
     for name, start, size in tar_members(data):
-        if "/" not in name and name.startswith("__") and name.endswith("__") or META.match(name):
-            continue
+        if name.startswith("__") and (name.endswith("__") and "/" not in name or META.match(name)):
+            continue  # webdataset's metadata members
         base, ext = base_plus_ext(name)
         if base is None:
             continue
