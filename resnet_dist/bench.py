@@ -49,6 +49,7 @@ from rich.table import Table
 
 from .augment import BatchAugment
 from .errors import UsageError, run_cli
+from .hardware import cpu_flags, cpu_has_bf16
 from .index import DatasetIndex
 from .storage import read_index
 
@@ -101,16 +102,6 @@ def interleaved(timers: dict[str, Callable[[], float]], repeats: int) -> dict[st
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -128,7 +119,7 @@ def fast_precision() -> str:
     """
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "no"
+    return "bf16" if cpu_has_bf16() else "no"
 
 
 def load() -> list[float]:

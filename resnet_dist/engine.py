@@ -241,9 +241,19 @@ def report_problems(run: Run) -> None:
         run.reporter.line(f"warning: {problem}")
 
 
+def eval_scores(model: torch.nn.Module, images: torch.Tensor, augment: BatchAugment, tta_flip: bool) -> torch.Tensor:
+    """Class scores usable as logits: plain logits, or with flip TTA the log of the mean softmax of each
+    image and its mirror (cross-entropy of log-probabilities is their negative log-likelihood)."""
+    if not tta_flip:
+        return model(augment.eval(images)).float()
+    both = torch.cat([images, images.flip(2)])  # uint8 NHWC: dim 2 is width
+    probs = model(augment.eval(both)).float().softmax(1).view(2, len(images), -1).mean(0)
+    return probs.clamp_min(1e-12).log()
+
+
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model: torch.nn.Module, stream: ShardStream, augment: BatchAugment,
-             num_workers: int, num_classes: int) -> dict:
+             num_workers: int, num_classes: int, tta_flip: bool = False) -> dict:
     """Exact metrics over a split: each rank counts its own slice, then one all-reduce of the sums.
 
     The unwrapped model runs in eval mode, so no collective happens per batch and ranks may run
@@ -263,7 +273,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, stream: ShardStre
             continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with accelerator.autocast():
-            logits = model(augment.eval(images)).float()
+            logits = eval_scores(model, images, augment, tta_flip)
         sums[:4] += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
                                  topk_correct(logits, labels, 1).double(), topk_correct(logits, labels, 5).double(),
                                  torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])

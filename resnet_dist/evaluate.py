@@ -20,15 +20,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 from .augment import BatchAugment
 from .checkpoint import find_checkpoint, load_weights, write_json_atomic
 from .config import TrainConfig
-from .data import ShardStream, make_loader
+from .data import ShardStream
 from .distributed import check_world_size, end_run
-from .engine import evaluate, topk_correct
+from .engine import evaluate
 from .errors import DataError, UsageError, run_cli
 from .index import DatasetIndex
 from .models import build_model
@@ -105,40 +104,6 @@ def load_model(checkpoint: Path, meta: dict, index: DatasetIndex, data: str) -> 
         raise DataError(f"{checkpoint}: weights do not fit a {cfg.model} of width {cfg.width} "
                         f"({first[1].strip() if len(first) > 1 else first[0]})") from None
     return model
-
-
-# ---------------------------------------------------------------- evaluation with flip TTA
-
-@torch.no_grad()
-def evaluate_flip(accelerator: Accelerator, model: torch.nn.Module, stream: ShardStream, augment: BatchAugment,
-                  num_workers: int, num_classes: int) -> dict:
-    """engine.evaluate with test-time augmentation: the mean of the softmax of each image and its
-    horizontal mirror. The same exact accounting: per-rank sums, one all-reduce."""
-    model.eval()
-    device = accelerator.device
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5, count, lost
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    problems = []
-    for images, labels, lost, batch_problems in make_loader(stream, num_workers, pin_memory=device.type == "cuda"):
-        sums[4] += lost
-        problems += batch_problems
-        if labels.numel() == 0:
-            continue
-        images, labels = images.to(device), labels.to(device)
-        both = torch.cat([images, images.flip(2)])  # uint8 NHWC: dim 2 is width
-        with accelerator.autocast():
-            logits = model(augment.eval(both)).float()
-        probs = logits.softmax(1).view(2, len(labels), -1).mean(0)  # (N, classes)
-        sums[:4] += torch.stack([F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double(),
-                                 topk_correct(probs, labels, 1).double(), topk_correct(probs, labels, 5).double(),
-                                 torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
-        confusion.index_put_((labels, probs.argmax(1)), torch.ones_like(labels), accumulate=True)
-    sums = accelerator.reduce(sums, reduction="sum")
-    confusion = accelerator.reduce(confusion, reduction="sum")
-    n = max(sums[3].item(), 1.0)
-    return {"loss": sums[0].item() / n, "top1": sums[1].item() / n, "top5": sums[2].item() / n,
-            "count": int(sums[3].item()), "lost": int(sums[4].item()), "problems": problems,
-            "confusion": confusion.cpu().tolist()}
 
 
 def per_class(confusion, classes: list[str]) -> tuple[list[dict], dict]:
@@ -272,8 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The model saw the mean/std of the shards it was trained on: normalise with those.
     augment = BatchAugment(meta.get("mean", index.mean), meta.get("std", index.std), accelerator.device,
                            channels_last=cfg.channels_last)
-    run = evaluate_flip if args.tta == "flip" else evaluate
-    metrics = run(accelerator, model, stream, augment, args.num_workers, index.num_classes)
+    metrics = evaluate(accelerator, model, stream, augment, args.num_workers, index.num_classes,
+                       tta_flip=args.tta == "flip")
     rows, macro = per_class(metrics["confusion"], index.classes)
     result = {"checkpoint": str(checkpoint), "data": str(args.data), "split": args.split, "tta": args.tta,
               "model": cfg.model, "epoch": meta.get("epoch"), "global_step": meta.get("global_step"),

@@ -1,6 +1,5 @@
 """python -m resnet_dist.evaluate on a real trained run: 1 process and a real 2-process launch agree."""
 
-import json
 import pickle
 import shutil
 import subprocess

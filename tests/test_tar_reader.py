@@ -15,7 +15,6 @@ from PIL import Image
 from conftest import shard
 from resnet_dist.data import Piece, collate, decode_image, png_is_sound, tar_members, tar_samples
 from resnet_dist.errors import DataError
-from resnet_dist.index import DatasetIndex
 
 
 def webdataset_samples(data: bytes, url: str) -> list[dict]:
