@@ -189,8 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unique_names(paths: list[Path]) -> list[str]:
+    """Each run's folder name, with as many parent folders as it takes to tell equal names apart."""
+    depth = 1
+    while depth < max(len(p.resolve().parts) for p in paths):
+        names = ["/".join(p.resolve().parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names):
+            return names
+        depth += 1
+    return [str(p) for p in paths]
+
+
 def report(run_dirs: Sequence[str | Path], out: Path) -> list[dict]:
     runs = [load_run(Path(r)) for r in run_dirs]
+    for run, name in zip(runs, unique_names([Path(r) for r in run_dirs])):
+        run["row"]["run"] = name  # two runs both called "r" must not share a row name or a curve
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -78,3 +78,12 @@ def test_bad_inputs(synthetic_shards, tmp_path):
     one_line_exit_2(cmd(str(SWEEP), "--data", "x", "--out", str(tmp_path), "--set", "wd=1"), "not a training setting")
     one_line_exit_2(cmd(str(SWEEP), "--data", "x", "--out", str(tmp_path), "--set", "epochs=two"), "not a valid")
     one_line_exit_2(cmd(str(SWEEP), "--data", "x", "--out", str(tmp_path), "--set", "model=vgg"), "one of")
+
+
+def test_runs_with_the_same_folder_name_get_distinct_names():
+    from pathlib import Path
+
+    from resnet_dist.report import unique_names
+
+    assert unique_names([Path("/x/a/r"), Path("/x/b/r")]) == ["a/r", "b/r"]
+    assert unique_names([Path("/x/a"), Path("/x/b")]) == ["a", "b"]
