@@ -162,7 +162,7 @@ def plot_curves(out: Path, runs: list[dict]) -> list[Path]:
     return written
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], footer: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -175,6 +175,8 @@ def print_table(rows: list[dict]) -> None:
     if not console.is_terminal:
         console.width = max(console.width, 160)  # logs and pipes: no truncated columns
     console.print(table)
+    if footer:
+        console.print(footer)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -222,8 +224,8 @@ def report(run_dirs: Sequence[str | Path], out: Path) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rows = report(args.runs, Path(args.out))
-    print_table(rows)
-    print(f"wrote {Path(args.out) / 'report.md'}, report.json, val_accuracy.png, generalization_gap.png, loss.png")
+    print_table(rows, f"wrote {Path(args.out) / 'report.md'}, report.json, val_accuracy.png, "
+                      "generalization_gap.png, loss.png")
     return 0
 
 
