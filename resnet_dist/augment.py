@@ -7,6 +7,8 @@ nothing (airbench, FFCV and timm's prefetcher do the same).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,18 +48,45 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, chann
     return x if channels_last else x.contiguous()
 
 
+def random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None = None, scale=(0.02, 0.33),
+                 ratio=(0.3, 3.3), tries: int = 10) -> torch.Tensor:
+    """Zero a random rectangle of each normalised image with probability p (0 is the dataset mean).
+
+    x: float (N, C, H, W). The same draw as torchvision's RandomErasing(p, scale, ratio, value=0) per
+    sample: up to `tries` (area, aspect) draws, the first whose rectangle fits strictly inside the image
+    wins, and an image where none fits is left whole; all samples and tries are drawn at once.
+    """
+    n, _, h, w = x.shape
+    draw = torch.rand(5, n, tries, generator=generator, device="cpu")  # area, aspect, top, left; row 4: p
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * draw[0])
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * draw[1])
+    eh, ew = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (eh < h) & (ew < w)
+    first = fits.int().argmax(1, keepdim=True)  # the first try that fits (0 when none does)
+    pick = lambda t: t.gather(1, first).squeeze(1)  # noqa: E731
+    eh, ew = pick(eh), pick(ew)
+    top, left = torch.floor(pick(draw[2]) * (h - eh + 1)), torch.floor(pick(draw[3]) * (w - ew + 1))
+    erase = fits.any(1) & (draw[4, :, 0] < p)
+    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1)) &
+              (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)) & erase.view(n, 1, 1))
+    return x.masked_fill(inside.unsqueeze(1).to(x.device), 0.0)
+
+
 class BatchAugment:
-    """The train-time (crop + flip + normalise) and eval-time (normalise) transforms of one dataset."""
+    """The train-time (crop + flip + normalise [+ erase]) and eval-time (normalise) transforms of one dataset."""
 
     def __init__(self, mean, std, device: torch.device, padding: int = 4, flip: bool = True,
-                 channels_last: bool = True):
+                 channels_last: bool = True, erase: float = 0.0):
+        self.erase = erase
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
         self.padding, self.flip, self.channels_last = padding, flip, channels_last
 
     def train(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return normalize(crop_flip(images, self.padding, self.flip, generator), self.mean, self.std,
-                         self.channels_last)
+        x = normalize(crop_flip(images, self.padding, self.flip, generator), self.mean, self.std,
+                      self.channels_last)
+        return random_erase(x, self.erase, generator) if self.erase > 0 else x
 
     def eval(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.mean, self.std, self.channels_last)

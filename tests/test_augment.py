@@ -1,7 +1,7 @@
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from resnet_dist.augment import BatchAugment, crop_flip, normalize
+from resnet_dist.augment import BatchAugment, crop_flip, normalize, random_erase
 
 
 def reference(images, padding, generator_seed):
@@ -52,3 +52,49 @@ def test_batch_augment_eval_is_deterministic_and_train_is_not():
     a = aug.train(images, torch.Generator().manual_seed(1))
     b = aug.train(images, torch.Generator().manual_seed(2))
     assert a.shape == (16, 1, 28, 28) and not torch.equal(a, b)
+
+
+def erased_boxes(x: torch.Tensor, out: torch.Tensor) -> list[tuple[int, int] | None]:
+    """(height, width) of the zeroed rectangle of each image, None where nothing was erased."""
+    boxes = []
+    for changed in (x != out).any(1):
+        if not changed.any():
+            boxes.append(None)
+            continue
+        rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+        top, left, h, w = int(rows[0]), int(cols[0]), len(rows), len(cols)
+        assert int(rows[-1]) - top + 1 == h and int(cols[-1]) - left + 1 == w  # one solid rectangle
+        assert changed[top:top + h, left:left + w].all()
+        boxes.append((h, w))
+    return boxes
+
+
+def test_random_erase_draws_like_torchvision_random_erasing():
+    from torchvision.transforms import v2
+
+    n, size = 4000, 28
+    x = torch.randn(n, 1, size, size) + 5  # nothing is 0 before erasing
+    ours = erased_boxes(x, random_erase(x, 0.5, torch.Generator().manual_seed(0)))
+    torch.manual_seed(0)
+    theirs = erased_boxes(x, torch.stack([v2.RandomErasing(p=0.5, value=0)(img) for img in x]))
+    for boxes in (ours, theirs):
+        assert all(h < size and w < size for h, w in filter(None, boxes))
+    rate = lambda boxes: sum(b is not None for b in boxes) / n  # noqa: E731
+    area = lambda boxes: sum(h * w for h, w in filter(None, boxes)) / sum(b is not None for b in boxes)  # noqa: E731
+    assert abs(rate(ours) - rate(theirs)) < 0.04 and abs(rate(ours) - 0.5) < 0.04
+    assert abs(area(ours) - area(theirs)) < 0.06 * area(theirs)
+    tall = lambda boxes: sum(h > w for h, w in filter(None, boxes)) / sum(b is not None for b in boxes)  # noqa: E731
+    assert abs(tall(ours) - tall(theirs)) < 0.05
+
+
+def test_random_erase_is_seeded_keeps_the_layout_and_only_runs_in_train():
+    images = torch.randint(1, 256, (64, 28, 28, 1), dtype=torch.uint8)
+    plain = BatchAugment([0.0], [1.0], torch.device("cpu"), padding=0, flip=False)
+    erasing = BatchAugment([0.0], [1.0], torch.device("cpu"), padding=0, flip=False, erase=1.0)
+    a = erasing.train(images, torch.Generator().manual_seed(3))
+    assert torch.equal(a, erasing.train(images, torch.Generator().manual_seed(3)))
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    erased = (a == 0).flatten(1).any(1)
+    assert erased.float().mean() > 0.9  # p=1: all but the rare image where no draw fits
+    assert torch.equal(erasing.eval(images), plain.eval(images))
+    assert torch.equal(plain.train(images, torch.Generator().manual_seed(3)), plain.eval(images))
