@@ -54,6 +54,12 @@ class TrainConfig:
     # data
     crop_padding: int = opt(4, "random-crop padding in pixels (0: no crop)")
     flip: bool = opt(True, "random horizontal flip")
+    random_erase: float = opt(0.0, "probability of erasing a random rectangle of a train image (torchvision's "
+                              "RandomErasing: 2-33% of the area, aspect 0.3-3.3, set to the dataset mean)")
+    eval_every: int = opt(1, "validate every this many epochs (and after the last one); the best checkpoint is "
+                          "picked among validated epochs")
+    eval_tta: str = opt("none", "flip: evaluate each image and its mirror and average their softmax "
+                        "(costs a second forward pass per eval image)", ("none", "flip"))
     num_workers: int = opt(2, "loader worker processes per training process")
     shuffle_block: int = opt(2048, "samples shuffled together in a worker, on top of the seeded shard order")
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions on CPUs and tensor cores)")
@@ -111,10 +117,12 @@ def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0 (got {cfg.weight_decay})"),
         (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {cfg.label_smoothing})"),
         (cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0 (got {cfg.warmup_epochs})"),
+        (0 <= cfg.random_erase <= 1, f"--random-erase must be in [0, 1] (got {cfg.random_erase})"),
         (cfg.crop_padding >= 0, f"--crop-padding must be >= 0 (got {cfg.crop_padding})"),
         (cfg.num_workers >= 0, f"--num-workers must be >= 0 (got {cfg.num_workers})"),
         (cfg.shuffle_block > 0, f"--shuffle-block must be positive (got {cfg.shuffle_block})"),
         (cfg.max_steps >= 0, f"--max-steps must be >= 0 (got {cfg.max_steps})"),
+        (cfg.eval_every > 0, f"--eval-every must be positive (got {cfg.eval_every})"),
         (cfg.log_every > 0, f"--log-every must be positive (got {cfg.log_every})"),
         (cfg.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (got {cfg.checkpoint_every})"),
         (cfg.max_bad_steps >= 0, f"--max-bad-steps must be >= 0 (got {cfg.max_bad_steps})"),

@@ -90,7 +90,8 @@ def setup(cfg: TrainConfig) -> Run:
     steps_per_epoch = train.num_batches // cfg.grad_accum
     scheduler = build_scheduler(cfg, optimizer, cfg.epochs * steps_per_epoch, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
-    augment = BatchAugment(index.mean, index.std, accelerator.device, cfg.crop_padding, cfg.flip, cfg.channels_last)
+    augment = BatchAugment(index.mean, index.std, accelerator.device, cfg.crop_padding, cfg.flip, cfg.channels_last,
+                           cfg.random_erase)
     run = Run(cfg, accelerator, index, model, optimizer, scheduler, augment, train, evals,
               Reporter(accelerator.is_main_process), run_dir, val_split,
               guard=StepGuard(accelerator, StopRequest(), cfg.max_bad_steps))
@@ -135,19 +136,25 @@ def restore(run: Run, folder: Path) -> None:
 
 def evaluate_split(run: Run, split: str) -> dict:
     return evaluate(run.accelerator, run.model, run.evals[split], run.augment, run.cfg.num_workers,
-                    run.index.num_classes)
+                    run.index.num_classes, tta_flip=run.cfg.eval_tta == "flip")
+
+
+def eval_due(run: Run, epoch: int) -> bool:
+    """Validate every --eval-every epochs, and always after the last one."""
+    return epoch % run.cfg.eval_every == 0 or epoch >= run.cfg.epochs or run_is_done(run)
 
 
 def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
     """Validate and record the epoch; say whether val top-1 improved."""
     row = {"epoch": run.epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], **train_metrics,
            "steps": run.global_step, "complete": run.batch >= run.train.num_batches}
-    if run.val_split:
+    if run.val_split and eval_due(run, row["epoch"]):
         val = evaluate_split(run, run.val_split)
         row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_count=val["count"],
                    val_lost=val["lost"])
         run.problems += val["problems"]
     report_problems(run)
+    row["time"] = time.time()  # when the epoch's numbers were known: accuracy-vs-wall-time curves
     if run.history and run.history[-1]["epoch"] == row["epoch"]:
         run.history.pop()  # a resumed epoch replaces the row of its interrupted part
     run.history.append(row)
@@ -155,7 +162,7 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
                         {"train/epoch_loss": row["train_loss"], "train/top1": row["train_top1"],
                          "perf/epoch_img_per_s": row["img_per_s"], "perf/epoch_data_wait": row["data_wait"],
                          "epoch": row["epoch"]}, step=run.global_step)
-    improved = run.val_split is not None and row["val_top1"] > run.best_val
+    improved = "val_top1" in row and row["val_top1"] > run.best_val
     if improved:
         run.best_val = row["val_top1"]
     run.reporter.line(epoch_line(row, run.val_split))
@@ -261,7 +268,7 @@ def finish(run: Run, wall: float) -> dict:
         summary["eval_counts"][run.val_split] = last["val_count"]
         summary["lost_eval_samples"][run.val_split] = last.get("val_lost", 0)
     if "test" in run.evals:
-        test = evaluate_split(run, "test")
+        test = final_test_from_history(run, last) or evaluate_split(run, "test")
         summary.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
         summary["eval_counts"]["test"] = test["count"]
         summary["lost_eval_samples"]["test"] = test["lost"]
@@ -281,9 +288,18 @@ def finish(run: Run, wall: float) -> dict:
         if summary["diagnosis"]:
             run.reporter.line(summary["diagnosis"])
         if "test_top1" in summary:
-            run.reporter.line(f"test top-1 {summary['test_top1']:.2%} on {summary['eval_counts']['test']:,} images; "
+            tta = " with flip TTA" if run.cfg.eval_tta == "flip" else ""
+            run.reporter.line(f"test top-1 {summary['test_top1']:.2%}{tta} on {summary['eval_counts']['test']:,} images; "
                               f"run folder {run.run_dir}")
     return summary
+
+
+def final_test_from_history(run: Run, last: dict) -> dict | None:
+    """Without a val split, the last epoch was already evaluated on test with the final weights."""
+    if run.val_split != "test" or "val_top1" not in last:
+        return None
+    return {"top1": last["val_top1"], "top5": last["val_top5"], "loss": last["val_loss"],
+            "count": last["val_count"], "lost": last["val_lost"], "problems": []}
 
 
 def main(argv=None) -> int:

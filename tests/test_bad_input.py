@@ -31,6 +31,9 @@ TRAIN_CASES = [
     ([*T, "--momentum", "0", "--nesterov"], "--nesterov needs --momentum > 0"),
     ([*T, "--crop-padding", "-2"], "--crop-padding must be >= 0"),
     ([*T, "--collective-timeout", "0"], "--collective-timeout must be positive"),
+    ([*T, "--random-erase", "1.5"], "--random-erase must be in [0, 1]"),
+    ([*T, "--eval-every", "0"], "--eval-every must be positive"),
+    ([*T, "--eval-tta", "crop"], "invalid choice: 'crop'"),
     ([*T, "--wandb-mode", "cloud"], "invalid choice: 'cloud'"),
     ([*T, "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
 ]
