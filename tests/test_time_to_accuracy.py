@@ -1,0 +1,82 @@
+"""launch/time_to_accuracy.py: the script behind the README's Results, run end to end on IDX files in
+Fashion-MNIST's real layout (packing, a real 2-process launch, result.json, the curve)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+import fabricate
+from conftest import CPU_DDP, ROOT, free_port, read_json, run_env
+
+SCRIPT = ROOT / "launch" / "time_to_accuracy.py"
+spec = importlib.util.spec_from_file_location("time_to_accuracy", SCRIPT)
+tta = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tta)
+
+
+def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env=run_env(OMP_NUM_THREADS="1"))
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tta")
+    fabricate.make_idx(base / "fm", train=300, test=100)
+    launch = (f"{shlex.quote(sys.executable)} -m accelerate.commands.launch --config_file {CPU_DDP} "
+              f"--num_processes 2 --main_process_port {free_port()} --mixed_precision no")
+    result = run_script("--recipe", "fashion-mnist-demo", "--root", str(base / "fm"), "--out", str(base / "res"),
+                        "--goal", "5", "--budget", "30", "--launch", launch,
+                        # the trainer's own flags pass through: a tiny model, 3 epochs, test after 2 and 3
+                        "--width", "4", "--epochs", "3", "--eval-every", "2", "--batch-size", "16",
+                        "--random-erase", "0.5", "--eval-tta", "flip",
+                        "--wandb-mode", "disabled")
+    return base, result
+
+
+def test_measures_the_whole_pipeline_and_records_the_curve(measured):
+    base, result = measured
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = read_json(base / "res" / "result.json")
+    summary = read_json(base / "res" / "run" / "summary.json")
+    assert read_json(base / "res" / "shards" / "index.json")["splits"]["train"]["num_samples"] == 300  # no val cut
+    assert out["test_top1"] == pytest.approx(100 * summary["test_top1"])
+    assert [p["epoch"] for p in out["curve"]] == [2, 3, "end"]  # --eval-every 2, and always the last epoch
+    history = read_json(base / "res" / "run" / "history.json")
+    assert [h["epoch"] for h in history] == [1, 2, 3] and "val_top1" not in history[0]
+    minutes = [p["minutes"] for p in out["curve"]]
+    assert 0 < out["pack_minutes"] < minutes[0] < minutes[1] <= minutes[2] == pytest.approx(out["wall_minutes"])
+    # the last epoch's test evaluation and the final one see the same weights, split and TTA
+    assert out["curve"][1]["top1"] == pytest.approx(out["curve"][2]["top1"])
+    assert out["config"]["eval_tta"] == "flip" and out["config"]["width"] == 4
+    assert out["config"]["random_erase"] == 0.5 and out["config"]["eval_every"] == 2
+    assert out["met"] == (out["test_top1"] >= 5) and out["machine"]["cores"] >= 1
+    assert "--recipe fashion-mnist-demo" in out["command"] and "--eval-tta flip" in out["command"]
+    assert (base / "res" / "curve.png").stat().st_size > 5000
+    assert "with flip TTA on 100 images" in result.stdout
+    assert f"goal 5.0% within 30 min: {'met' if out['met'] else 'missed'}" in result.stdout
+
+
+def test_overlays_finished_results_and_refuses_a_second_timed_run_in_the_same_folder(measured):
+    base, _ = measured
+    plotted = run_script("--plot", str(base / "res"), str(base / "res"), "--to", str(base / "both.png"))
+    assert plotted.returncode == 0, plotted.stderr
+    assert (base / "both.png").stat().st_size > 5000
+    again = run_script("--root", str(base / "fm"), "--out", str(base / "res"))
+    assert again.returncode == 2 and again.stderr.strip().count("\n") == 0
+    assert "exists: a timed run starts from nothing" in again.stderr
+    missing = run_script("--plot", str(base / "nowhere"), "--to", str(base / "x.png"))
+    assert missing.returncode == 2 and "no readable result.json" in missing.stderr
+    assert "Traceback" not in again.stderr + missing.stderr
+
+
+def test_the_goal_counts_only_when_the_finished_run_is_within_budget():
+    curve = [{"epoch": 1, "minutes": 5.0, "top1": 93.0}, {"epoch": 2, "minutes": 10.0, "top1": 94.2},
+             {"epoch": "end", "minutes": 10.3, "top1": 94.2}]
+    assert tta.goal_met(curve, 94.0, 15) and not tta.goal_met(curve, 94.5, 15) and not tta.goal_met(curve, 94.0, 10)
+    assert tta.first_reaching(curve, 94.0)["epoch"] == 2 and tta.first_reaching(curve, 95.0) is None
