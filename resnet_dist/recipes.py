@@ -18,6 +18,9 @@ class Recipe:
     shards: str = ""  # how to pack the data it expects
 
 
+# The timed results train on all 60k images, as the dataset's published benchmark does.
+FMNIST_FULL = "python -m resnet_dist.shard fashion-mnist --root /usr/share/datasets/fashion-mnist"
+
 RECIPES: dict[str, Recipe] = {
     "tinyimagenet-resnet34": Recipe(
         "ResNet-34, 3x3 stem without max-pool at 64x64, dropout 0.4, SGD 0.01 cosine, wd 4e-4, 100 epochs "
@@ -55,14 +58,24 @@ RECIPES: dict[str, Recipe] = {
                       weight_decay=5e-4, schedule="onecycle", epochs=3, batch_size=128, label_smoothing=0.1,
                       crop_padding=4, flip=True),
         shards="python -m resnet_dist.shard fashion-mnist --root /usr/share/datasets/fashion-mnist --val-fraction 0.1"),
+    "fashion-mnist-15min": Recipe(
+        "the fast real-data recipe for a 2-core CPU: ResNet-18 at width 16, 15 epochs of one-cycle Nesterov SGD, "
+        "label smoothing 0.1, crop + flip + random erasing, flip TTA (measured here: see the README's Results)",
+        global_batch=256,
+        settings=dict(model="resnet18", stem="cifar", width=16, dropout=0.0, optimizer="sgd", lr=0.2, momentum=0.9,
+                      nesterov=True, weight_decay=5e-4, schedule="onecycle", epochs=15, batch_size=128,
+                      label_smoothing=0.1, crop_padding=2, flip=True, random_erase=0.5, eval_tta="flip",
+                      eval_every=3),
+        shards=FMNIST_FULL),
     "fashion-mnist-resnet18": Recipe(
-        "the real-data recipe for a 2-core CPU: ResNet-18 at width 32, one-cycle SGD (short runs converge "
-        "best with a warm-up then a long anneal), label smoothing 0.1, crop + flip; global batch 256",
+        "the hour-long real-data recipe for a 2-core CPU: ResNet-18 at width 32, 22 epochs of one-cycle Nesterov "
+        "SGD, label smoothing 0.1, crop + flip + random erasing, flip TTA (measured here: see the README's Results)",
         global_batch=256,
         settings=dict(model="resnet18", stem="cifar", width=32, dropout=0.0, optimizer="sgd", lr=0.2, momentum=0.9,
-                      nesterov=True, weight_decay=5e-4, schedule="onecycle", epochs=10, batch_size=128,
-                      label_smoothing=0.1, crop_padding=2, flip=True),
-        shards="python -m resnet_dist.shard fashion-mnist --root /usr/share/datasets/fashion-mnist --val-fraction 0.1"),
+                      nesterov=True, weight_decay=5e-4, schedule="onecycle", epochs=22, batch_size=128,
+                      label_smoothing=0.1, crop_padding=2, flip=True, random_erase=0.5, eval_tta="flip",
+                      eval_every=3),
+        shards=FMNIST_FULL),
 }
 
 

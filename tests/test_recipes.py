@@ -15,7 +15,8 @@ from resnet_dist.recipes import RECIPES
 
 SHAPES = {  # recipe -> (classes, size, channels) of the dataset it was made for
     "tinyimagenet-resnet34": (200, 64, 3), "cifar10-resnet18": (10, 32, 3), "cifar10-resnet34-adam": (10, 32, 3),
-    "cifar10-simplecnn": (10, 32, 3), "fashion-mnist-demo": (10, 28, 1), "fashion-mnist-resnet18": (10, 28, 1)}
+    "cifar10-simplecnn": (10, 32, 3), "fashion-mnist-demo": (10, 28, 1), "fashion-mnist-15min": (10, 28, 1),
+    "fashion-mnist-resnet18": (10, 28, 1)}
 
 
 def test_every_recipe_has_a_smoke_shape():
