@@ -43,8 +43,8 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="result folder (shards/, run/, result.json, curve.png)")
     p.add_argument("--goal", type=float, default=94.0, help="test top-1 %% to reach")
     p.add_argument("--budget", type=float, default=15.0, help="minutes allowed for the goal")
-    p.add_argument("--launch", default=f"accelerate launch --config_file {CPU_CONFIG} --mixed_precision bf16",
-                   help="launcher command line placed before launch/train.py")
+    p.add_argument("--launch", default=f"{shlex.quote(accelerate_command())} launch --config_file {CPU_CONFIG} "
+                   "--mixed_precision bf16", help="launcher command line placed before launch/train.py")
     p.add_argument("--plot", type=Path, nargs="+", help="only overlay the curves of these result folders")
     p.add_argument("--to", type=Path, help="with --plot: the PNG to write")
     args, args.train_flags = p.parse_known_args(argv)
@@ -55,10 +55,19 @@ def parse(argv) -> argparse.Namespace:
     return args
 
 
+def accelerate_command() -> str:
+    """This Python's `accelerate` script, so `.venv/bin/python launch/...` works without an activated venv."""
+    beside = Path(sys.executable).parent / "accelerate"
+    return str(beside) if beside.exists() else "accelerate"
+
+
 def run_step(cmd: list[str], what: str) -> None:
     """Run one stage with its output passed through; a failure is one line naming the stage."""
     print(f"$ {shlex.join(cmd)}", flush=True)
-    code = subprocess.run(cmd, env=os.environ | {"WANDB_SILENT": "true"}).returncode
+    try:
+        code = subprocess.run(cmd, env=os.environ | {"WANDB_SILENT": "true"}).returncode
+    except OSError as exc:
+        raise UsageError(f"cannot start {what}: {cmd[0]}: {exc.strerror or exc}") from exc
     if code != 0:
         raise TrainingError(f"{what} failed with exit code {code}; its own message is above")
 

@@ -70,9 +70,11 @@ def test_overlays_finished_results_and_refuses_a_second_timed_run_in_the_same_fo
     again = run_script("--root", str(base / "fm"), "--out", str(base / "res"))
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0
     assert "exists: a timed run starts from nothing" in again.stderr
+    no_launcher = run_script("--root", str(base / "fm"), "--out", str(base / "other"), "--launch", "no-such-launcher")
+    assert no_launcher.returncode == 2 and "cannot start training: no-such-launcher" in no_launcher.stderr
     missing = run_script("--plot", str(base / "nowhere"), "--to", str(base / "x.png"))
     assert missing.returncode == 2 and "no readable result.json" in missing.stderr
-    assert "Traceback" not in again.stderr + missing.stderr
+    assert "Traceback" not in again.stderr + missing.stderr + no_launcher.stderr
 
 
 def test_the_goal_counts_only_when_the_finished_run_is_within_budget():
