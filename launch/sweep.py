@@ -11,7 +11,6 @@ report over all variants lands in OUT/report (python -m resnet_dist.report).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import shlex
@@ -20,16 +19,11 @@ import sys
 from pathlib import Path
 
 from resnet_dist.config import TrainConfig
-from resnet_dist.errors import TrainingError, UsageError, run_cli
+from resnet_dist.errors import OneLineParser, TrainingError, UsageError, run_cli
 from resnet_dist.report import report, print_table
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 KINDS = {"int": int, "float": float, "str": str, "bool": None}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
 
 
 def parse_setting(text: str) -> tuple[str, list]:

@@ -22,16 +22,11 @@ from pathlib import Path
 
 from resnet_dist.bench import machine_record
 from resnet_dist.checkpoint import write_json_atomic
-from resnet_dist.errors import TrainingError, UsageError, run_cli
+from resnet_dist.errors import OneLineParser, TrainingError, UsageError, run_cli
 from resnet_dist.recipes import RECIPES
 
 HERE = Path(__file__).resolve().parent
 CPU_CONFIG = HERE.parent / "accelerate_configs" / "cpu_ddp.yaml"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
 
 
 def parse(argv) -> argparse.Namespace:

@@ -48,7 +48,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .augment import BatchAugment
-from .errors import UsageError, run_cli
+from .errors import OneLineParser, UsageError, run_cli
 from .hardware import cpu_flags, cpu_has_bf16
 from .index import DatasetIndex
 from .storage import read_index
@@ -760,11 +760,6 @@ def table(rows: list[dict], machine: dict) -> Table:
 # --- command line -----------------------------------------------------------------------------
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 through run_cli, not argparse's usage block
-        raise UsageError(message)
-
-
 def int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -794,7 +789,7 @@ def positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m resnet_dist.bench",
+    p = OneLineParser(prog="python -m resnet_dist.bench",
                description="Benchmark the loader, the train step, a whole epoch and 2-process scaling, each "
                            "against the alternative a user would otherwise run, side by side in one run.")
     p.add_argument("suite", choices=(*SUITES, "all", WORKER), metavar="SUITE", help="loader | step | e2e | scaling | all")

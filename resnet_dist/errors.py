@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -10,6 +11,13 @@ from typing import Callable, NoReturn, Sequence
 
 class UsageError(Exception):
     """Bad input the user can fix: the message is the whole explanation, on one line."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's complaints become a UsageError: one line and exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        raise UsageError(message)
 
 
 class DataError(Exception):

@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .data import ShardStream
 from .distributed import check_world_size, end_run
 from .engine import evaluate
-from .errors import DataError, UsageError, run_cli
+from .errors import DataError, OneLineParser, UsageError, run_cli
 from .index import DatasetIndex
 from .models import build_model
 from .storage import check_shards, read_index
@@ -182,12 +182,6 @@ def print_results(result: dict) -> None:
 
 
 # ---------------------------------------------------------------- command line
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse's complaints become a UsageError: one line and exit 2, like every other bad input."""
-
-    def error(self, message: str):
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .checkpoint import find_checkpoint, write_json_atomic
-from .errors import DataError, UsageError, run_cli
+from .errors import DataError, OneLineParser, UsageError, run_cli
 from .models import build_model
 
 # (key, header, kind) of each column, in order; kind says how to format it.
@@ -177,11 +177,6 @@ def print_table(rows: list[dict], footer: str = "") -> None:
     console.print(table)
     if footer:
         console.print(footer)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
