@@ -67,10 +67,12 @@ def random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None = 
     eh, ew = pick(eh), pick(ew)
     top, left = torch.floor(pick(draw[2]) * (h - eh + 1)), torch.floor(pick(draw[3]) * (w - ew + 1))
     erase = fits.any(1) & (draw[4, :, 0] < p)
-    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-    inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1)) &
-              (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)) & erase.view(n, 1, 1))
-    return x.masked_fill(inside.unsqueeze(1).to(x.device), 0.0)
+    # Only the 5 numbers per image cross to the device; the (N, H, W) mask is built there.
+    top, eh, left, ew, erase = (t.to(x.device).view(n, 1, 1) for t in (top, eh, left, ew, erase))
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew) & erase
+    return x.masked_fill(inside.unsqueeze(1), 0.0)
 
 
 class BatchAugment:
