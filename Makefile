@@ -8,7 +8,7 @@ FMNIST ?= /usr/share/datasets/fashion-mnist
 SHARDS ?= shards/fashion-mnist
 RUN    ?= runs/demo
 
-.PHONY: install data shards demo test results clean
+.PHONY: install data shards demo test lint format results clean
 .DEFAULT_GOAL := demo
 
 $(BIN)/.installed: pyproject.toml
@@ -38,8 +38,17 @@ demo: shards
 	  --mixed_precision bf16 launch/train.py --data $(SHARDS) --out $(RUN) \
 	  --recipe fashion-mnist-demo --num-workers 1 --log-every 50
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q
+
+# ruff's linter and formatter, as configured in pyproject.toml; `make format` applies both.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The README's Results: time to 94.0% (15 min budget) and 94.9% (60 min) on Fashion-MNIST, then the curve.
 # Each run starts from nothing (packing included); run them on an otherwise idle machine.
