@@ -34,8 +34,10 @@ def parse_setting(text: str) -> tuple[str, list]:
     key = key.strip().lstrip("-").replace("-", "_")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     if key not in fields or key in ("data", "out"):
-        raise UsageError(f"--set {text}: {key!r} is not a training setting (one of "
-                         f"{', '.join(k for k in fields if k not in ('data', 'out'))})")
+        raise UsageError(
+            f"--set {text}: {key!r} is not a training setting (one of "
+            f"{', '.join(k for k in fields if k not in ('data', 'out'))})"
+        )
     field = fields[key]
     kind = KINDS.get(field.type if isinstance(field.type, str) else getattr(field.type, "__name__", ""), str)
     typed = []
@@ -75,14 +77,23 @@ def parse_args(argv):
     extra = []
     if "--" in argv:
         at = argv.index("--")
-        argv, extra = argv[:at], argv[at + 1:]
+        argv, extra = argv[:at], argv[at + 1 :]
     parser = OneLineParser(prog="launch/sweep.py", description="Run the cartesian product of settings, then report.")
     parser.add_argument("--data", required=True, help="shard folder or URL, passed to every run")
     parser.add_argument("--out", required=True, help="sweep folder: one run folder per variant, plus report/")
-    parser.add_argument("--set", action="append", required=True, metavar="KEY=V1,V2",
-                        help="a training setting and its values; repeat for a grid")
-    parser.add_argument("--launch", default="", help='launcher prefix, e.g. "accelerate launch --config_file '
-                        'accelerate_configs/cpu_ddp.yaml" (default: this Python, one process)')
+    parser.add_argument(
+        "--set",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a training setting and its values; repeat for a grid",
+    )
+    parser.add_argument(
+        "--launch",
+        default="",
+        help='launcher prefix, e.g. "accelerate launch --config_file '
+        'accelerate_configs/cpu_ddp.yaml" (default: this Python, one process)',
+    )
     args = parser.parse_args(argv)
     grid = dict(parse_setting(s) for s in args.set)
     for flag in extra:
@@ -104,8 +115,16 @@ def main(argv=None) -> int:
         if (run_dir / "summary.json").is_file():
             print(f"[{i}/{len(variants)}] {run_dir.name}: finished, skipped", flush=True)
             continue
-        cmd = [*launcher, str(TRAIN), "--data", args.data, "--out", str(run_dir),
-               *[f for k, v in settings.items() for f in flags(k, v)], *extra]
+        cmd = [
+            *launcher,
+            str(TRAIN),
+            "--data",
+            args.data,
+            "--out",
+            str(run_dir),
+            *[f for k, v in settings.items() for f in flags(k, v)],
+            *extra,
+        ]
         print(f"[{i}/{len(variants)}] {run_dir.name}: {shlex.join(cmd)}", flush=True)
         code = subprocess.call(cmd)
         if code:

@@ -38,8 +38,11 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="result folder (shards/, run/, result.json, curve.png)")
     p.add_argument("--goal", type=float, default=94.0, help="test top-1 %% to reach")
     p.add_argument("--budget", type=float, default=15.0, help="minutes allowed for the goal")
-    p.add_argument("--launch", default=f"{shlex.quote(accelerate_command())} launch --config_file {CPU_CONFIG} "
-                   "--mixed_precision bf16", help="launcher command line placed before launch/train.py")
+    p.add_argument(
+        "--launch",
+        default=f"{shlex.quote(accelerate_command())} launch --config_file {CPU_CONFIG} --mixed_precision bf16",
+        help="launcher command line placed before launch/train.py",
+    )
     p.add_argument("--plot", type=Path, nargs="+", help="only overlay the curves of these result folders")
     p.add_argument("--to", type=Path, help="with --plot: the PNG to write")
     args, args.train_flags = p.parse_known_args(argv)
@@ -69,8 +72,11 @@ def run_step(cmd: list[str], what: str) -> None:
 
 def curve(history: list[dict], start: float, summary: dict, end: float) -> list[dict]:
     """(minutes since the clock started, test top-1 %) after each epoch, then at the end of the run."""
-    points = [{"epoch": h["epoch"], "minutes": (h["time"] - start) / 60, "top1": 100 * h["val_top1"]}
-              for h in history if "time" in h and h.get("val_top1") is not None]
+    points = [
+        {"epoch": h["epoch"], "minutes": (h["time"] - start) / 60, "top1": 100 * h["val_top1"]}
+        for h in history
+        if "time" in h and h.get("val_top1") is not None
+    ]
     points.append({"epoch": "end", "minutes": (end - start) / 60, "top1": 100 * summary["test_top1"]})
     return points
 
@@ -92,24 +98,59 @@ def measure(args) -> dict:
     machine = machine_record()  # before the clock: its load average is what the run started under
     start = time.time()
     shards = out / "shards"
-    run_step([sys.executable, "-m", "resnet_dist.shard", args.source, "--root", args.root, "--out", str(shards),
-              "--workers", str(os.cpu_count() or 1), "--overwrite"], "packing the shards")
+    run_step(
+        [
+            sys.executable,
+            "-m",
+            "resnet_dist.shard",
+            args.source,
+            "--root",
+            args.root,
+            "--out",
+            str(shards),
+            "--workers",
+            str(os.cpu_count() or 1),
+            "--overwrite",
+        ],
+        "packing the shards",
+    )
     packed = time.time()
-    train = [*shlex.split(args.launch), str(HERE / "train.py"), "--recipe", args.recipe, "--data", str(shards),
-             "--out", str(out / "run"), "--num-workers", "1", "--log-every", "100", *args.train_flags]
+    train = [
+        *shlex.split(args.launch),
+        str(HERE / "train.py"),
+        "--recipe",
+        args.recipe,
+        "--data",
+        str(shards),
+        "--out",
+        str(out / "run"),
+        "--num-workers",
+        "1",
+        "--log-every",
+        "100",
+        *args.train_flags,
+    ]
     run_step(train, "training")
     end = time.time()
     summary = json.loads((out / "run" / "summary.json").read_text())
     history = json.loads((out / "run" / "history.json").read_text())
     points = curve(history, start, summary, end)
     reached = first_reaching(points, args.goal)
-    return {"recipe": args.recipe, "command": shlex.join(train), "goal_top1": args.goal, "budget_minutes": args.budget,
-            "test_top1": 100 * summary["test_top1"], "wall_minutes": (end - start) / 60,
-            "pack_minutes": (packed - start) / 60, "train_img_per_s": summary.get("train_img_per_s"),
-            "reached_goal_at_minutes": reached and reached["minutes"],
-            "met": goal_met(points, args.goal, args.budget),
-            "curve": points, "machine": machine,
-            "config": json.loads((out / "run" / "config.json").read_text())}
+    return {
+        "recipe": args.recipe,
+        "command": shlex.join(train),
+        "goal_top1": args.goal,
+        "budget_minutes": args.budget,
+        "test_top1": 100 * summary["test_top1"],
+        "wall_minutes": (end - start) / 60,
+        "pack_minutes": (packed - start) / 60,
+        "train_img_per_s": summary.get("train_img_per_s"),
+        "reached_goal_at_minutes": reached and reached["minutes"],
+        "met": goal_met(points, args.goal, args.budget),
+        "curve": points,
+        "machine": machine,
+        "config": json.loads((out / "run" / "config.json").read_text()),
+    }
 
 
 def plot(results: list[dict], to: Path, labels: list[str]) -> None:
@@ -153,9 +194,11 @@ def main(argv=None) -> int:
     plot([result], args.out / "curve.png", [result["recipe"]])
     verdict = "met" if result["met"] else "missed"
     reached = result["reached_goal_at_minutes"]
-    print(f"{result['recipe']}: test top-1 {result['test_top1']:.2f}% after {result['wall_minutes']:.1f} min "
-          f"(goal {args.goal}% within {args.budget:g} min: {verdict}"
-          f"{f'; first reached at {reached:.1f} min' if reached else ''}); {args.out / 'result.json'}")
+    print(
+        f"{result['recipe']}: test top-1 {result['test_top1']:.2f}% after {result['wall_minutes']:.1f} min "
+        f"(goal {args.goal}% within {args.budget:g} min: {verdict}"
+        f"{f'; first reached at {reached:.1f} min' if reached else ''}); {args.out / 'result.json'}"
+    )
     return 0
 
 

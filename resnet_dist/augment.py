@@ -34,8 +34,13 @@ def crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.G
     return images[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = True,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    channels_last: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """uint8 (N, H, W, C) -> (x / 255 - mean) / std as (N, C, H, W).
 
     The NHWC buffer permuted to NCHW *is* channels_last memory, so that layout costs no copy.
@@ -48,8 +53,14 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, chann
     return x if channels_last else x.contiguous()
 
 
-def random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None = None, scale=(0.02, 0.33),
-                 ratio=(0.3, 3.3), tries: int = 10) -> torch.Tensor:
+def random_erase(
+    x: torch.Tensor,
+    p: float,
+    generator: torch.Generator | None = None,
+    scale=(0.02, 0.33),
+    ratio=(0.3, 3.3),
+    tries: int = 10,
+) -> torch.Tensor:
     """Zero a random rectangle of each normalised image with probability p (0 is the dataset mean).
 
     x: float (N, C, H, W). The same draw as torchvision's RandomErasing(p, scale, ratio, value=0) per
@@ -78,16 +89,23 @@ def random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None = 
 class BatchAugment:
     """The train-time (crop + flip + normalise [+ erase]) and eval-time (normalise) transforms of one dataset."""
 
-    def __init__(self, mean, std, device: torch.device, padding: int = 4, flip: bool = True,
-                 channels_last: bool = True, erase: float = 0.0):
+    def __init__(
+        self,
+        mean,
+        std,
+        device: torch.device,
+        padding: int = 4,
+        flip: bool = True,
+        channels_last: bool = True,
+        erase: float = 0.0,
+    ):
         self.erase = erase
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
         self.padding, self.flip, self.channels_last = padding, flip, channels_last
 
     def train(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = normalize(crop_flip(images, self.padding, self.flip, generator), self.mean, self.std,
-                      self.channels_last)
+        x = normalize(crop_flip(images, self.padding, self.flip, generator), self.mean, self.std, self.channels_last)
         return random_erase(x, self.erase, generator) if self.erase > 0 else x
 
     def eval(self, images: torch.Tensor) -> torch.Tensor:

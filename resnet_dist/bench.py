@@ -74,10 +74,12 @@ class Kind:
 
 
 KINDS = {
-    "gray28": Kind("gray28", 28, 1, "png", 4096, 128),    # Fashion-MNIST-like
-    "rgb32": Kind("rgb32", 32, 3, "png", 4096, 128),      # CIFAR-like
-    "jpeg64": Kind("jpeg64", 64, 3, "jpeg", 4096, 128),   # Tiny-ImageNet-like
-    "jpeg224": Kind("jpeg224", 224, 3, "jpeg", 1536, 32),  # ImageNet-sized: the per-core decode rate for the GPU estimate
+    "gray28": Kind("gray28", 28, 1, "png", 4096, 128),  # Fashion-MNIST-like
+    "rgb32": Kind("rgb32", 32, 3, "png", 4096, 128),  # CIFAR-like
+    "jpeg64": Kind("jpeg64", 64, 3, "jpeg", 4096, 128),  # Tiny-ImageNet-like
+    "jpeg224": Kind(
+        "jpeg224", 224, 3, "jpeg", 1536, 32
+    ),  # ImageNet-sized: the per-core decode rate for the GPU estimate
 }
 DEFAULT_KINDS = "gray28,rgb32,jpeg64"
 
@@ -89,8 +91,16 @@ def make_row(suite: str, case: str, ours: float, baseline: float, baseline_name:
     """One result: both sides and their ratio (ours / baseline, so > 1 means ours is faster)."""
     if not (ours > 0 and baseline > 0):
         raise RuntimeError(f"{suite}/{case}: non-positive measurement (ours {ours}, baseline {baseline})")
-    return {"suite": suite, "case": case, "ours": ours, "baseline": baseline, "baseline_name": baseline_name,
-            "ratio": ours / baseline, "unit": unit, **({"extra": extra} if extra else {})}
+    return {
+        "suite": suite,
+        "case": case,
+        "ours": ours,
+        "baseline": baseline,
+        "baseline_name": baseline_name,
+        "ratio": ours / baseline,
+        "unit": unit,
+        **({"extra": extra} if extra else {}),
+    }
 
 
 def interleaved(timers: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
@@ -132,12 +142,20 @@ def machine_record() -> dict:
     import webdataset
 
     flags = cpu_flags()
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
-            "webdataset": webdataset.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_hardware": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
-            "cuda": torch.cuda.is_available(), "load_start": load()}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "accelerate": accelerate.__version__,
+        "webdataset": webdataset.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_hardware": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+        "cuda": torch.cuda.is_available(),
+        "load_start": load(),
+    }
 
 
 # --- data: synthetic shards, the ImageFolder tree, the split in memory ----------------------
@@ -156,16 +174,37 @@ def make_synthetic(kind: Kind, folder: Path, samples: int | None) -> Path:
     """Synthetic shards of `kind` through the real shard CLI; 8 shards so any worker count gets some."""
     n = samples or kind.samples
     out = folder / f"synthetic-{kind.name}"
-    cmd = [sys.executable, "-m", "resnet_dist.shard", "synthetic", "--out", str(out), "--num-classes", "10",
-           "--image-size", str(kind.size), "--channels", str(kind.channels), "--num-samples", str(n),
-           "--shard-size", str(max(1, -(-n // 8))), "--format", kind.format, "--workers", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "resnet_dist.shard",
+        "synthetic",
+        "--out",
+        str(out),
+        "--num-classes",
+        "10",
+        "--image-size",
+        str(kind.size),
+        "--channels",
+        str(kind.channels),
+        "--num-samples",
+        str(n),
+        "--shard-size",
+        str(max(1, -(-n // 8))),
+        "--format",
+        kind.format,
+        "--workers",
+        "2",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"making synthetic {kind.name} shards failed: {result.stderr.strip()[-500:]}")
     return out
 
 
-def resolve_data(data: list[str], kinds: list[str], samples: int | None, tmp: Path) -> dict[str, tuple[Path, DatasetIndex]]:
+def resolve_data(
+    data: list[str], kinds: list[str], samples: int | None, tmp: Path
+) -> dict[str, tuple[Path, DatasetIndex]]:
     """kind name -> (shard folder, index): the --data folders first, synthetic shards for the other kinds."""
     found: dict[str, tuple[Path, DatasetIndex]] = {}
     for folder in data:
@@ -215,8 +254,14 @@ def notebook_transform(index: DatasetIndex, padding: int):
     """The reference notebooks' per-sample train transforms."""
     from torchvision import transforms as T
 
-    return T.Compose([T.RandomCrop(tuple(index.image_size), padding=padding), T.RandomHorizontalFlip(),
-                      T.ToTensor(), T.Normalize(index.mean, index.std)])
+    return T.Compose(
+        [
+            T.RandomCrop(tuple(index.image_size), padding=padding),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(index.mean, index.std),
+        ]
+    )
 
 
 def pil_open(path: str, mode: str):
@@ -226,8 +271,9 @@ def pil_open(path: str, mode: str):
         return img.convert(mode)
 
 
-def ours_batches(base: Path, index: DatasetIndex, batch: int, workers: int, epoch: int,
-                 augment: BatchAugment) -> Iterator:
+def ours_batches(
+    base: Path, index: DatasetIndex, batch: int, workers: int, epoch: int, augment: BatchAugment
+) -> Iterator:
     """Our path: ShardStream workers decode to uint8, the batch is augmented on the device."""
     from .data import ShardStream, make_loader
 
@@ -299,10 +345,18 @@ def imagefolder_batches(root: Path, index: DatasetIndex, batch: int, workers: in
     from torchvision.datasets import ImageFolder
 
     mode = "L" if index.channels == 1 else "RGB"  # ImageFolder's default loader would make gray images RGB
-    dataset = ImageFolder(str(root), transform=notebook_transform(index, padding),
-                          loader=functools.partial(pil_open, mode=mode))
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+    dataset = ImageFolder(
+        str(root), transform=notebook_transform(index, padding), loader=functools.partial(pil_open, mode=mode)
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers else None,
+    )
     for images, labels in loader:
         yield images.to(device(), non_blocking=True), labels
 
@@ -314,22 +368,33 @@ def webdataset_batches(base: Path, index: DatasetIndex, batch: int, workers: int
 
     urls = [str(base / s.file) for s in index.splits["train"].shards]
     image = "png;jpg;jpeg"
-    pipeline = (wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False)
-                .shuffle(1000).decode("pill" if index.channels == 1 else "pil").to_tuple(image, "cls")
-                .map_tuple(notebook_transform(index, padding), int).batched(batch, partial=False))
-    loader = DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                        prefetch_factor=4 if workers else None)
+    pipeline = (
+        wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False)
+        .shuffle(1000)
+        .decode("pill" if index.channels == 1 else "pil")
+        .to_tuple(image, "cls")
+        .map_tuple(notebook_transform(index, padding), int)
+        .batched(batch, partial=False)
+    )
+    loader = DataLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers else None,
+    )
     for images, labels in loader:
         yield images.to(device(), non_blocking=True), labels
 
 
-def memory_batches(images: torch.Tensor, labels: torch.Tensor, batch: int, epoch: int,
-                   augment: BatchAugment) -> Iterator:
+def memory_batches(
+    images: torch.Tensor, labels: torch.Tensor, batch: int, epoch: int, augment: BatchAugment
+) -> Iterator:
     """The ceiling: the same batch augmentation over uint8 already in memory (no decode at all)."""
     generator = torch.Generator().manual_seed(epoch)
     order = torch.randperm(len(labels), generator=generator)
     for i in range(0, len(order) - batch + 1, batch):
-        take = order[i:i + batch]
+        take = order[i : i + batch]
         yield augment.train(images[take].to(augment.mean.device, non_blocking=True), generator), labels[take]
 
 
@@ -350,8 +415,10 @@ def time_batches(batches: Iterator, warmup: int, count: int) -> float:
             torch.cuda.synchronize()
         return images / (time.perf_counter() - start)
     except StopIteration:
-        raise UsageError(f"the data ran out before {warmup} + {count} batches: use fewer --batches, a smaller "
-                         f"--batch-size or more --samples") from None
+        raise UsageError(
+            f"the data ran out before {warmup} + {count} batches: use fewer --batches, a smaller "
+            f"--batch-size or more --samples"
+        ) from None
     finally:
         batches.close()  # shuts the DataLoader's workers down now, not at garbage collection
 
@@ -366,28 +433,73 @@ def loader_suite(args, data: dict, tmp: Path) -> list[dict]:
         w, n = args.warmup, args.batches
         epochs = iter(range(1, 1 << 30))  # a fresh epoch (new order, new worker processes) per timing
         for workers in args.workers:
-            rates = interleaved({
-                "ours": lambda: time_batches(ours_batches(base, index, batch, workers, next(epochs), augment), w, n),
-                "imagefolder": lambda: time_batches(imagefolder_batches(tree, index, batch, workers, args.padding), w, n),
-                "webdataset": lambda: time_batches(webdataset_batches(base, index, batch, workers, args.padding), w, n),
-                "memory": lambda: time_batches(memory_batches(images, labels, batch, next(epochs), augment), w, n),
-            }, args.repeats)
+            rates = interleaved(
+                {
+                    "ours": lambda: time_batches(
+                        ours_batches(base, index, batch, workers, next(epochs), augment), w, n
+                    ),
+                    "imagefolder": lambda: time_batches(
+                        imagefolder_batches(tree, index, batch, workers, args.padding), w, n
+                    ),
+                    "webdataset": lambda: time_batches(
+                        webdataset_batches(base, index, batch, workers, args.padding), w, n
+                    ),
+                    "memory": lambda: time_batches(memory_batches(images, labels, batch, next(epochs), augment), w, n),
+                },
+                args.repeats,
+            )
             case = f"{kind_name} {workers} worker{'s' if workers != 1 else ''}"
-            rows += [make_row("loader", case, rates["ours"], rates["imagefolder"], "ImageFolder + per-sample transforms", "img/s"),
-                     make_row("loader", case, rates["ours"], rates["webdataset"], "WebDataset decode + per-sample transforms", "img/s"),
-                     make_row("loader", case, rates["ours"], rates["memory"], "ceiling: batch augmentation of in-memory uint8", "img/s")]
+            rows += [
+                make_row(
+                    "loader", case, rates["ours"], rates["imagefolder"], "ImageFolder + per-sample transforms", "img/s"
+                ),
+                make_row(
+                    "loader",
+                    case,
+                    rates["ours"],
+                    rates["webdataset"],
+                    "WebDataset decode + per-sample transforms",
+                    "img/s",
+                ),
+                make_row(
+                    "loader",
+                    case,
+                    rates["ours"],
+                    rates["memory"],
+                    "ceiling: batch augmentation of in-memory uint8",
+                    "img/s",
+                ),
+            ]
             say(rows[-3:])
-        rates = interleaved({
-            "ours": lambda: time_batches(decode_batches(base, index, batch, next(epochs)), w, n),
-            "imagefolder": lambda: time_batches(imagefolder_batches(tree, index, batch, 0, args.padding), w, n),
-            "previous": lambda: time_batches(previous_decode_batches(base, index, batch, next(epochs)), w, n),
-        }, args.repeats)
+        rates = interleaved(
+            {
+                "ours": lambda: time_batches(decode_batches(base, index, batch, next(epochs)), w, n),
+                "imagefolder": lambda: time_batches(imagefolder_batches(tree, index, batch, 0, args.padding), w, n),
+                "previous": lambda: time_batches(previous_decode_batches(base, index, batch, next(epochs)), w, n),
+            },
+            args.repeats,
+        )
         note = "ours: decode + collate to uint8 only (augmentation runs on the device)"
-        rows += [make_row("loader", f"{kind_name} per core", rates["ours"], rates["imagefolder"],
-                          "ImageFolder + per-sample transforms, in process", "img/s", note=note),
-                 make_row("loader", f"{kind_name} per core", rates["ours"], rates["previous"],
-                          "previous decode path (webdataset tar iterator + PIL + np.stack), in process", "img/s",
-                          note=note)]
+        rows += [
+            make_row(
+                "loader",
+                f"{kind_name} per core",
+                rates["ours"],
+                rates["imagefolder"],
+                "ImageFolder + per-sample transforms, in process",
+                "img/s",
+                note=note,
+            ),
+            make_row(
+                "loader",
+                f"{kind_name} per core",
+                rates["ours"],
+                rates["previous"],
+                "previous decode path (webdataset tar iterator + PIL + np.stack), in process",
+                "img/s",
+                note=note,
+            ),
+        ]
         say(rows[-2:])
     return rows
 
@@ -408,8 +520,9 @@ def build_net(args, num_classes: int, channels: int, channels_last: bool) -> tor
     from .models import build_model
 
     torch.manual_seed(0)
-    model = build_model(args.model, num_classes=num_classes, in_channels=channels, stem=args.stem,
-                        width=args.width or None)
+    model = build_model(
+        args.model, num_classes=num_classes, in_channels=channels, stem=args.stem, width=args.width or None
+    )
     return model.to(device(), memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -419,14 +532,21 @@ def fresh_accelerator(precision: str):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
-                       step_scheduler_with_optimizer=False)
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=precision, step_scheduler_with_optimizer=False
+    )
 
 
 def run_like(acc, model, optimizer, scheduler, augment: BatchAugment) -> SimpleNamespace:
     """What engine.train_step reads of a Run (the trainer's own Run needs shards and a run folder)."""
-    run = SimpleNamespace(accelerator=acc, cfg=SimpleNamespace(label_smoothing=0.0), model=model,
-                          optimizer=optimizer, scheduler=scheduler, augment=augment)
+    run = SimpleNamespace(
+        accelerator=acc,
+        cfg=SimpleNamespace(label_smoothing=0.0),
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        augment=augment,
+    )
     try:  # the reliability work adds a per-step guard to Run: time it as the trainer runs it
         from .guard import StepGuard, StopRequest
     except ImportError:
@@ -452,7 +572,9 @@ def launcher_precision(precision: str) -> Iterator[None]:
             os.environ["ACCELERATE_MIXED_PRECISION"] = saved
 
 
-def our_step_timer(args, setup: StepSetup, images: torch.Tensor, labels: torch.Tensor, mean, std) -> Callable[[], float]:
+def our_step_timer(
+    args, setup: StepSetup, images: torch.Tensor, labels: torch.Tensor, mean, std
+) -> Callable[[], float]:
     """Times engine.train_step, the trainer's own step, with a Run-like object around a prepared model."""
     from .engine import train_step
 
@@ -477,14 +599,20 @@ def our_step_timer(args, setup: StepSetup, images: torch.Tensor, labels: torch.T
     return timed
 
 
-def notebook_step_timer(args, setup: StepSetup, images: torch.Tensor, labels: torch.Tensor, mean, std) -> Callable[[], float]:
+def notebook_step_timer(
+    args, setup: StepSetup, images: torch.Tensor, labels: torch.Tensor, mean, std
+) -> Callable[[], float]:
     """The notebooks' loop: batches already augmented and normalised (their DataLoader did it), then
     zero_grad, forward, loss, backward, step. Autocast/channels_last only when `setup` asks."""
     model = build_net(args, 10, images.shape[-1], setup.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     fmt = torch.channels_last if setup.channels_last else torch.contiguous_format
-    ready = [((x.permute(0, 3, 1, 2).float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1))
-             .contiguous(memory_format=fmt).to(device()) for x in images]
+    ready = [
+        ((x.permute(0, 3, 1, 2).float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1))
+        .contiguous(memory_format=fmt)
+        .to(device())
+        for x in images
+    ]
     targets = [y.to(device()) for y in labels]
     autocast = dict(device_type=device().type, dtype=torch.bfloat16, enabled=setup.precision == "bf16")
 
@@ -518,30 +646,61 @@ def step_suite(args) -> list[dict]:
     setups = {"ours fp32": StepSetup("no", False), "notebook fp32": StepSetup("no", False)}
     if fast == "bf16":
         setups |= {"ours fast": StepSetup("bf16", True), "notebook fast": StepSetup("bf16", True)}
-    timers = {name: (our_step_timer if name.startswith("ours") else notebook_step_timer)(args, s, images, labels, mean, std)
-              for name, s in setups.items()}
+    timers = {
+        name: (our_step_timer if name.startswith("ours") else notebook_step_timer)(args, s, images, labels, mean, std)
+        for name, s in setups.items()
+    }
     for timer in timers.values():
         timer(args.warmup)
     rates = interleaved({name: functools.partial(timer, args.batches) for name, timer in timers.items()}, args.repeats)
     model = f"{args.model} width {args.width or 'default'}, {args.step_size}x{args.step_size}x{args.step_channels}, batch {args.step_batch}"
-    rows = [make_row("step", "overhead, fp32 NCHW", rates["ours fp32"], rates["notebook fp32"],
-                     "plain PyTorch loop, fp32 NCHW", "img/s", model=model)]
+    rows = [
+        make_row(
+            "step",
+            "overhead, fp32 NCHW",
+            rates["ours fp32"],
+            rates["notebook fp32"],
+            "plain PyTorch loop, fp32 NCHW",
+            "img/s",
+            model=model,
+        )
+    ]
     if fast == "bf16":
-        rows += [make_row("step", "overhead, bf16 + channels_last", rates["ours fast"], rates["notebook fast"],
-                          "plain PyTorch loop, bf16 autocast + channels_last", "img/s", model=model),
-                 make_row("step", "fast defaults (bf16 + channels_last)", rates["ours fast"], rates["notebook fp32"],
-                          "plain PyTorch loop, fp32 NCHW (the notebooks)", "img/s", model=model)]
+        rows += [
+            make_row(
+                "step",
+                "overhead, bf16 + channels_last",
+                rates["ours fast"],
+                rates["notebook fast"],
+                "plain PyTorch loop, bf16 autocast + channels_last",
+                "img/s",
+                model=model,
+            ),
+            make_row(
+                "step",
+                "fast defaults (bf16 + channels_last)",
+                rates["ours fast"],
+                rates["notebook fp32"],
+                "plain PyTorch loop, fp32 NCHW (the notebooks)",
+                "img/s",
+                model=model,
+            ),
+        ]
     say(rows)
     if args.compile:
-        rows += compile_rows(args, setups["ours fast" if fast == "bf16" else "ours fp32"], images, labels, mean, std, model)
+        rows += compile_rows(
+            args, setups["ours fast" if fast == "bf16" else "ours fp32"], images, labels, mean, std, model
+        )
     return rows
 
 
 def compile_rows(args, eager: StepSetup, images, labels, mean, std, model: str) -> list[dict]:
     """torch.compile'd train step vs the same step eager; the compile time is reported beside it."""
     compiled = StepSetup(eager.precision, eager.channels_last, compile=True)
-    timers = {"eager": our_step_timer(args, eager, images, labels, mean, std),
-              "compiled": our_step_timer(args, compiled, images, labels, mean, std)}
+    timers = {
+        "eager": our_step_timer(args, eager, images, labels, mean, std),
+        "compiled": our_step_timer(args, compiled, images, labels, mean, std),
+    }
     start = time.perf_counter()
     try:
         timers["compiled"](1)  # the first call compiles forward and backward
@@ -553,9 +712,18 @@ def compile_rows(args, eager: StepSetup, images, labels, mean, std, model: str) 
         return [{"suite": "step", "case": "torch.compile", "failed": message}]
     timers["eager"](args.warmup)
     rates = interleaved({name: functools.partial(t, args.batches) for name, t in timers.items()}, args.repeats)
-    rows = [make_row("step", f"torch.compile ({'bf16 + channels_last' if eager.precision == 'bf16' else 'fp32'})",
-                     rates["compiled"], rates["eager"], "our step, eager", "img/s", model=model,
-                     compile_seconds=round(compile_seconds, 1))]
+    rows = [
+        make_row(
+            "step",
+            f"torch.compile ({'bf16 + channels_last' if eager.precision == 'bf16' else 'fp32'})",
+            rates["compiled"],
+            rates["eager"],
+            "our step, eager",
+            "img/s",
+            model=model,
+            compile_seconds=round(compile_seconds, 1),
+        )
+    ]
     say(rows)
     return rows
 
@@ -579,8 +747,17 @@ def e2e_kind(args, kind_name: str, base: Path, index: DatasetIndex, out: Path) -
     from .trainer import setup
     from .tracking import Reporter
 
-    cfg = TrainConfig(data=str(base), out=str(out), model=args.model, stem=args.stem, width=args.width,
-                      batch_size=args.step_batch, num_workers=args.e2e_workers, epochs=10 ** 6, wandb_mode="disabled")
+    cfg = TrainConfig(
+        data=str(base),
+        out=str(out),
+        model=args.model,
+        stem=args.stem,
+        width=args.width,
+        batch_size=args.step_batch,
+        num_workers=args.e2e_workers,
+        epochs=10**6,
+        wandb_mode="disabled",
+    )
     with launcher_precision(fast_precision()):
         run = setup(cfg)
     run.reporter = Reporter(False)  # the bench prints its own table
@@ -607,14 +784,21 @@ def e2e_kind(args, kind_name: str, base: Path, index: DatasetIndex, out: Path) -
         return metrics["img_per_s"]
 
     for b in range(min(args.warmup, batches)):  # warm-up: first calls allocate and pick kernels
-        train_step(run, images[:cfg.batch_size], labels[:cfg.batch_size], generator)
+        train_step(run, images[: cfg.batch_size], labels[: cfg.batch_size], generator)
     rates = interleaved({"stream": streaming_epoch, "memory": memory_epoch}, args.repeats)
     run.accelerator.end_training()
-    return make_row("e2e", f"{kind_name} epoch ({batches} x {cfg.batch_size} images)", rates["stream"],
-                    rates["memory"], "same epoch on in-memory uint8", "img/s",
-                    data_wait=round(statistics.median(waits), 4), workers=args.e2e_workers,
-                    precision=run.accelerator.mixed_precision,
-                    model=f"{args.model} width {args.width or 'default'}")
+    return make_row(
+        "e2e",
+        f"{kind_name} epoch ({batches} x {cfg.batch_size} images)",
+        rates["stream"],
+        rates["memory"],
+        "same epoch on in-memory uint8",
+        "img/s",
+        data_wait=round(statistics.median(waits), 4),
+        workers=args.e2e_workers,
+        precision=run.accelerator.mixed_precision,
+        model=f"{args.model} width {args.width or 'default'}",
+    )
 
 
 # --- scaling suite ----------------------------------------------------------------------------
@@ -622,25 +806,85 @@ def e2e_kind(args, kind_name: str, base: Path, index: DatasetIndex, out: Path) -
 
 def scaling_suite(args, tmp: Path) -> list[dict]:
     """Two subprocesses at the same global batch: 1 process x 2 threads, then 2 x 1 under accelerate launch."""
-    common = ["--model", args.model, "--stem", args.stem, "--width", str(args.width), "--step-batch",
-              str(args.step_batch), "--step-size", str(args.step_size), "--step-channels", str(args.step_channels),
-              "--batches", str(args.batches), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    common = [
+        "--model",
+        args.model,
+        "--stem",
+        args.stem,
+        "--width",
+        str(args.width),
+        "--step-batch",
+        str(args.step_batch),
+        "--step-size",
+        str(args.step_size),
+        "--step-channels",
+        str(args.step_channels),
+        "--batches",
+        str(args.batches),
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+    ]
     precision = fast_precision()
     env = dict(os.environ, WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     one = tmp / "scaling-1x2.json"
-    single = [sys.executable, "-m", "resnet_dist.bench", WORKER, "--json", str(one), "--threads", "2",
-              "--precision", precision, *common]
+    single = [
+        sys.executable,
+        "-m",
+        "resnet_dist.bench",
+        WORKER,
+        "--json",
+        str(one),
+        "--threads",
+        "2",
+        "--precision",
+        precision,
+        *common,
+    ]
     run_checked(single, dict(env, OMP_NUM_THREADS="2"))
     two = tmp / "scaling-2x1.json"
-    launched = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP), "--num_processes",
-                "2", "--main_process_port", str(free_port()), "--mixed_precision", precision, "-m",
-                "resnet_dist.bench", WORKER, "--json", str(two), "--threads", "1", "--precision", precision, *common]
+    launched = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_DDP),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        precision,
+        "-m",
+        "resnet_dist.bench",
+        WORKER,
+        "--json",
+        str(two),
+        "--threads",
+        "1",
+        "--precision",
+        precision,
+        *common,
+    ]
     run_checked(launched, dict(env, OMP_NUM_THREADS="1"))
     a, b = json.loads(two.read_text()), json.loads(one.read_text())
-    rows = [make_row("scaling", f"2 processes x 1 thread vs 1 x 2, global batch {args.step_batch}", a["img_per_s"],
-                     b["img_per_s"], "1 process x 2 threads", "img/s", world_size=a["world_size"],
-                     allreduce_ms=a["allreduce_ms"], step_ms=a["step_ms"], gradient_mb=a["gradient_mb"],
-                     allreduce_fraction=round(a["allreduce_ms"] / a["step_ms"], 4), precision=precision)]
+    rows = [
+        make_row(
+            "scaling",
+            f"2 processes x 1 thread vs 1 x 2, global batch {args.step_batch}",
+            a["img_per_s"],
+            b["img_per_s"],
+            "1 process x 2 threads",
+            "img/s",
+            world_size=a["world_size"],
+            allreduce_ms=a["allreduce_ms"],
+            step_ms=a["step_ms"],
+            gradient_mb=a["gradient_mb"],
+            allreduce_fraction=round(a["allreduce_ms"] / a["step_ms"], 4),
+            precision=precision,
+        )
+    ]
     say(rows)
     return rows
 
@@ -676,15 +920,22 @@ def scaling_worker(args) -> None:
         raise UsageError(f"--step-batch {args.step_batch} does not split over {world} processes")
     per_rank = args.step_batch // world
     g = torch.Generator().manual_seed(acc.process_index)
-    images = torch.randint(0, 256, (4, per_rank, args.step_size, args.step_size, args.step_channels), dtype=torch.uint8, generator=g)
+    images = torch.randint(
+        0, 256, (4, per_rank, args.step_size, args.step_size, args.step_channels), dtype=torch.uint8, generator=g
+    )
     labels = torch.randint(0, 10, (4, per_rank), generator=g)
     channels_last = args.precision == "bf16"
     model = build_net(args, 10, args.step_channels, channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     net, opt = acc.prepare(model, optimizer)
     mean, std = torch.full((args.step_channels,), 0.5), torch.full((args.step_channels,), 0.25)
-    run = run_like(acc, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                   BatchAugment(mean, std, acc.device, 4, True, channels_last))
+    run = run_like(
+        acc,
+        net,
+        opt,
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        BatchAugment(mean, std, acc.device, 4, True, channels_last),
+    )
 
     def steps(n: int) -> float:
         acc.wait_for_everyone()
@@ -708,9 +959,17 @@ def scaling_worker(args) -> None:
                 times.append(time.perf_counter() - start)
         allreduce_ms = statistics.median(times) * 1000
     if acc.is_main_process:
-        write_json_atomic(Path(args.json), {"img_per_s": args.step_batch / step_s, "step_ms": step_s * 1000,
-                                            "allreduce_ms": allreduce_ms, "world_size": world,
-                                            "gradient_mb": numel * 4 / 2 ** 20, "threads": torch.get_num_threads()})
+        write_json_atomic(
+            Path(args.json),
+            {
+                "img_per_s": args.step_batch / step_s,
+                "step_ms": step_s * 1000,
+                "allreduce_ms": allreduce_ms,
+                "world_size": world,
+                "gradient_mb": numel * 4 / 2**20,
+                "threads": torch.get_num_threads(),
+            },
+        )
     acc.end_training()
 
 
@@ -739,21 +998,31 @@ def fmt(value: float) -> str:
 def say(rows: list[dict]) -> None:
     """Progress: each row as soon as it is measured (the table comes at the end)."""
     for r in rows:
-        console.print(f"  {r['suite']}: {r['case']}: {fmt(r['ours'])} vs {fmt(r['baseline'])} {r['unit']} "
-                      f"({r['baseline_name']}) -> {r['ratio']:.2f}x   load {load()[0]}")
+        console.print(
+            f"  {r['suite']}: {r['case']}: {fmt(r['ours'])} vs {fmt(r['baseline'])} {r['unit']} "
+            f"({r['baseline_name']}) -> {r['ratio']:.2f}x   load {load()[0]}"
+        )
 
 
 def table(rows: list[dict], machine: dict) -> Table:
-    t = Table(title=f"resnet-dist bench: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-                    f"load {machine['load_start'][0]} -> {machine['load_end'][0]}")
+    t = Table(
+        title=f"resnet-dist bench: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
+        f"load {machine['load_start'][0]} -> {machine['load_end'][0]}"
+    )
     for col in ("suite", "case", "ours", "baseline", "vs", "ratio"):
         t.add_column(col, justify="right" if col in ("ours", "baseline", "ratio") else "left")
     for r in rows:
         if "failed" in r:
             t.add_row(r["suite"], r["case"], "-", "-", r["failed"], "-")
         else:
-            t.add_row(r["suite"], r["case"], f"{fmt(r['ours'])} {r['unit']}", fmt(r["baseline"]), r["baseline_name"],
-                      f"{r['ratio']:.2f}x")
+            t.add_row(
+                r["suite"],
+                r["case"],
+                f"{fmt(r['ours'])} {r['unit']}",
+                fmt(r["baseline"]),
+                r["baseline_name"],
+                f"{r['ratio']:.2f}x",
+            )
     return t
 
 
@@ -789,31 +1058,63 @@ def positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m resnet_dist.bench",
-               description="Benchmark the loader, the train step, a whole epoch and 2-process scaling, each "
-                           "against the alternative a user would otherwise run, side by side in one run.")
-    p.add_argument("suite", choices=(*SUITES, "all", WORKER), metavar="SUITE", help="loader | step | e2e | scaling | all")
-    p.add_argument("--data", action="append", default=[], metavar="DIR",
-                   help="shard folder (repeatable); used for the kind its index.json describes")
-    p.add_argument("--kinds", type=kind_list, default=None,
-                   help=f"image kinds for loader/e2e, synthetic when no --data matches ({', '.join(KINDS)}; "
-                        f"default loader: {DEFAULT_KINDS}, e2e: rgb32; with --data: only those)")
+    p = OneLineParser(
+        prog="python -m resnet_dist.bench",
+        description="Benchmark the loader, the train step, a whole epoch and 2-process scaling, each "
+        "against the alternative a user would otherwise run, side by side in one run.",
+    )
+    p.add_argument(
+        "suite", choices=(*SUITES, "all", WORKER), metavar="SUITE", help="loader | step | e2e | scaling | all"
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="shard folder (repeatable); used for the kind its index.json describes",
+    )
+    p.add_argument(
+        "--kinds",
+        type=kind_list,
+        default=None,
+        help=f"image kinds for loader/e2e, synthetic when no --data matches ({', '.join(KINDS)}; "
+        f"default loader: {DEFAULT_KINDS}, e2e: rgb32; with --data: only those)",
+    )
     p.add_argument("--json", metavar="OUT", help="write the rows and the machine record here (atomically)")
-    p.add_argument("--repeats", type=positive, default=3, help="timed repeats per measurement; the median is kept (default 3)")
-    p.add_argument("--batches", type=positive, default=20, help="timed batches (loader) or steps (step, scaling) per repeat (default 20)")
+    p.add_argument(
+        "--repeats", type=positive, default=3, help="timed repeats per measurement; the median is kept (default 3)"
+    )
+    p.add_argument(
+        "--batches",
+        type=positive,
+        default=20,
+        help="timed batches (loader) or steps (step, scaling) per repeat (default 20)",
+    )
     p.add_argument("--warmup", type=positive, default=3, help="untimed batches / steps before timing (default 3)")
-    p.add_argument("--workers", type=int_list, default=[1, 2], help="loader worker counts, comma-separated (default 1,2)")
+    p.add_argument(
+        "--workers", type=int_list, default=[1, 2], help="loader worker counts, comma-separated (default 1,2)"
+    )
     p.add_argument("--batch-size", type=positive, default=None, help="loader batch size (default 128; 32 for jpeg224)")
-    p.add_argument("--samples", type=positive, default=None, help="train samples of synthetic shards (default 4096; jpeg224 1536)")
+    p.add_argument(
+        "--samples", type=positive, default=None, help="train samples of synthetic shards (default 4096; jpeg224 1536)"
+    )
     p.add_argument("--padding", type=int, default=4, help="random-crop padding, all pipelines (default 4)")
     p.add_argument("--model", default="resnet18", help="step/e2e/scaling model (default resnet18)")
     p.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"), help="model stem (default cifar)")
     p.add_argument("--width", type=int, default=0, help="model base width; 0: its own (64 for ResNets)")
-    p.add_argument("--step-batch", type=positive, default=128, help="step/e2e batch; scaling global batch (default 128)")
+    p.add_argument(
+        "--step-batch", type=positive, default=128, help="step/e2e batch; scaling global batch (default 128)"
+    )
     p.add_argument("--step-size", type=positive, default=32, help="step/scaling image size (default 32)")
-    p.add_argument("--step-channels", type=int, default=3, choices=(1, 3), help="step/scaling image channels (default 3)")
-    p.add_argument("--e2e-workers", type=int, default=2, help="loader workers of the e2e epoch (default 2, the trainer's)")
-    p.add_argument("--compile", action="store_true", help="step: also time torch.compile (compiling takes minutes on a CPU)")
+    p.add_argument(
+        "--step-channels", type=int, default=3, choices=(1, 3), help="step/scaling image channels (default 3)"
+    )
+    p.add_argument(
+        "--e2e-workers", type=int, default=2, help="loader workers of the e2e epoch (default 2, the trainer's)"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="step: also time torch.compile (compiling takes minutes on a CPU)"
+    )
     p.add_argument("--threads", type=positive, default=None, help=argparse.SUPPRESS)
     p.add_argument("--precision", default="no", help=argparse.SUPPRESS)
     return p

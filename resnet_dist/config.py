@@ -30,9 +30,14 @@ class TrainConfig:
     recipe: str = opt("", f"start from a named setup ({', '.join(RECIPES)}); flags given override it")
     # model
     model: str = opt("resnet18", "architecture", MODELS)
-    stem: str = opt("cifar", "cifar: 3x3 stride 1, no max-pool (small images); imagenet: 7x7 stride 2 + max-pool",
-                    ("cifar", "imagenet"))
-    width: int = opt(0, "base channels of the first stage; 0: the model's own (ResNets 64 as torchvision, simple_cnn 32)")
+    stem: str = opt(
+        "cifar",
+        "cifar: 3x3 stride 1, no max-pool (small images); imagenet: 7x7 stride 2 + max-pool",
+        ("cifar", "imagenet"),
+    )
+    width: int = opt(
+        0, "base channels of the first stage; 0: the model's own (ResNets 64 as torchvision, simple_cnn 32)"
+    )
     dropout: float = opt(0.0, "dropout before the classifier")
     zero_init_residual: bool = opt(False, "zero the last BN of each residual block so blocks start as identity")
     # optimisation
@@ -48,24 +53,43 @@ class TrainConfig:
     warmup_epochs: float = opt(0.0, "linear warm-up from 0 (onecycle: length of the rising phase)")
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
     sync_bn: bool = opt(False, "synchronise BatchNorm statistics across processes")
-    scale_lr: str = opt("none", "linear: scale --lr by the actual global batch over the one the recipe was tuned for",
-                        ("none", "linear"))
+    scale_lr: str = opt(
+        "none",
+        "linear: scale --lr by the actual global batch over the one the recipe was tuned for",
+        ("none", "linear"),
+    )
     tuned_global_batch: int = opt(0, "global batch the lr was tuned for (set by --recipe; used by --scale-lr linear)")
     # data
     crop_padding: int = opt(4, "random-crop padding in pixels (0: no crop)")
     flip: bool = opt(True, "random horizontal flip")
-    random_erase: float = opt(0.0, "probability of erasing a random rectangle of a train image (torchvision's "
-                              "RandomErasing: 2-33% of the area, aspect 0.3-3.3, set to the dataset mean)")
-    eval_every: int = opt(1, "validate every this many epochs (and after the last one); the best checkpoint is "
-                          "picked among validated epochs")
-    eval_tta: str = opt("none", "flip: evaluate each image and its mirror and average their softmax "
-                        "(costs a second forward pass per eval image)", ("none", "flip"))
+    random_erase: float = opt(
+        0.0,
+        "probability of erasing a random rectangle of a train image (torchvision's "
+        "RandomErasing: 2-33% of the area, aspect 0.3-3.3, set to the dataset mean)",
+    )
+    eval_every: int = opt(
+        1,
+        "validate every this many epochs (and after the last one); the best checkpoint is "
+        "picked among validated epochs",
+    )
+    eval_tta: str = opt(
+        "none",
+        "flip: evaluate each image and its mirror and average their softmax "
+        "(costs a second forward pass per eval image)",
+        ("none", "flip"),
+    )
     num_workers: int = opt(2, "loader worker processes per training process")
     shuffle_block: int = opt(2048, "samples shuffled together in a worker, on top of the seeded shard order")
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions on CPUs and tensor cores)")
-    cpu_bf16: str = opt("auto", "auto: on a CPU with AVX-512-BF16/AMX, bf16 autocast when the launcher asked for no "
-                        "mixed precision (2.3-2.4x faster here); off: keep fp32", ("auto", "off"))
-    compile: bool = opt(False, "torch.compile the model (1.00x on this CPU after ~40 s of compiling, so off by default)")
+    cpu_bf16: str = opt(
+        "auto",
+        "auto: on a CPU with AVX-512-BF16/AMX, bf16 autocast when the launcher asked for no "
+        "mixed precision (2.3-2.4x faster here); off: keep fp32",
+        ("auto", "off"),
+    )
+    compile: bool = opt(
+        False, "torch.compile the model (1.00x on this CPU after ~40 s of compiling, so off by default)"
+    )
     # run control
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs); for smoke runs")
     seed: int = opt(0, "seed for init, data order and augmentation")
@@ -76,8 +100,11 @@ class TrainConfig:
     max_bad_steps: int = opt(10, "stop after this many optimizer steps in a row with a NaN/inf loss (each is skipped)")
     collective_timeout: float = opt(1800.0, "seconds a collective may wait for a silent rank before the run fails")
     wandb_project: str = opt("resnet-dist", "W&B project")
-    wandb_mode: str = opt("offline", "offline writes the run under --out (upload later with `wandb sync`)",
-                          ("online", "offline", "disabled"))
+    wandb_mode: str = opt(
+        "offline",
+        "offline writes the run under --out (upload later with `wandb sync`)",
+        ("online", "offline", "disabled"),
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     """Every TrainConfig field as a flag. Defaults are suppressed so that parse_args can tell the flags a
     user gave (which override a recipe) from the ones left out (which a recipe may set)."""
     parser = argparse.ArgumentParser(
-        prog="accelerate launch launch/train.py", argument_default=argparse.SUPPRESS,
-        description="Train a ResNet on WebDataset shards with Accelerate (DDP, mixed precision, SyncBN).")
+        prog="accelerate launch launch/train.py",
+        argument_default=argparse.SUPPRESS,
+        description="Train a ResNet on WebDataset shards with Accelerate (DDP, mixed precision, SyncBN).",
+    )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_ = f"{f.metadata['help']} (default: {f.default if f.default != '' else 'none'})"
@@ -97,15 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=kind, choices=f.metadata["choices"], help=help_)
-    parser.add_argument("--print-config", action="store_true", default=False,
-                        help="print the resolved config as JSON and exit (needs no --data)")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        default=False,
+        help="print the resolved config as JSON and exit (needs no --data)",
+    )
     return parser
 
 
 def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
     """Raise UsageError naming the first option that makes no sense (paths=False: --data/--out may be absent)."""
     checks = [
-        (bool(cfg.data) or not paths, "--data is required: a shard folder or URL made by `python -m resnet_dist.shard`"),
+        (
+            bool(cfg.data) or not paths,
+            "--data is required: a shard folder or URL made by `python -m resnet_dist.shard`",
+        ),
         (bool(cfg.out) or not paths, "--out is required: the run folder"),
         (cfg.epochs > 0, f"--epochs must be positive (got {cfg.epochs})"),
         (cfg.batch_size > 0, f"--batch-size must be positive (got {cfg.batch_size})"),
@@ -130,8 +166,10 @@ def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
         (not (cfg.nesterov and cfg.optimizer != "sgd"), "--nesterov applies to --optimizer sgd only"),
         (not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0"),
         (cfg.tuned_global_batch >= 0, f"--tuned-global-batch must be >= 0 (got {cfg.tuned_global_batch})"),
-        (not (cfg.scale_lr == "linear" and not cfg.tuned_global_batch),
-         "--scale-lr linear needs the batch the lr was tuned for: a --recipe, or --tuned-global-batch N"),
+        (
+            not (cfg.scale_lr == "linear" and not cfg.tuned_global_batch),
+            "--scale-lr linear needs the batch the lr was tuned for: a --recipe, or --tuned-global-batch N",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -114,15 +114,15 @@ def png_is_sound(data: bytes) -> bool:
     row = (width * PNG_SAMPLES[data[25]] * data[24] + 7) // 8 + 1  # +1: the row's filter byte
     view, pos, idat = memoryview(data), 8, []
     while pos + 12 <= len(data):
-        length = int.from_bytes(data[pos:pos + 4], "big")
+        length = int.from_bytes(data[pos : pos + 4], "big")
         end = pos + 8 + length
-        if end + 4 > len(data) or zlib.crc32(view[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+        if end + 4 > len(data) or zlib.crc32(view[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
             return False
-        kind = data[pos + 4:pos + 8]
+        kind = data[pos + 4 : pos + 8]
         if kind == b"IEND":
             break
         if kind == b"IDAT":
-            idat.append(view[pos + 8:end])
+            idat.append(view[pos + 8 : end])
         pos = end + 4
     else:
         return False
@@ -150,7 +150,9 @@ def decode_fast(data: bytes, channels: int) -> np.ndarray | None:
     array = image.numpy().transpose(1, 2, 0)
     if channels == 1 and not gray:  # PIL's RGB -> L: ITU-R 601-2 luma with its integer rounding
         wide = array.astype(np.uint32)
-        array = ((wide[..., :1] * 19595 + wide[..., 1:2] * 38470 + wide[..., 2:] * 7471 + 0x8000) >> 16).astype(np.uint8)
+        array = ((wide[..., :1] * 19595 + wide[..., 1:2] * 38470 + wide[..., 2:] * 7471 + 0x8000) >> 16).astype(
+            np.uint8
+        )
     return array
 
 
@@ -218,8 +220,8 @@ def _pax(payload) -> dict[str, str]:
     """Records `LENGTH key=value\\n` of a pax extended header."""
     fields, pos, payload = {}, 0, bytes(payload)
     while pos < len(payload) and payload[pos]:
-        length = int(payload[pos:payload.index(b" ", pos)])
-        key, _, value = payload[payload.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        length = int(payload[pos : payload.index(b" ", pos)])
+        key, _, value = payload[payload.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
         fields[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return fields
@@ -236,10 +238,10 @@ def tar_members(data: bytes) -> Iterator[tuple[str, int, int]]:
     view = memoryview(data)
     # Every block's byte sum in one numpy pass: a header's checksum is then one subtraction, not a
     # 512-step Python sum (3 us per header, more than the rest of its parsing).
-    sums = np.frombuffer(view[:len(data) // BLOCK * BLOCK], np.uint8).reshape(-1, BLOCK).sum(axis=1, dtype=np.int64)
+    sums = np.frombuffer(view[: len(data) // BLOCK * BLOCK], np.uint8).reshape(-1, BLOCK).sum(axis=1, dtype=np.int64)
     offset, name, size = 0, None, None  # name, size: from a preceding GNU long-name or pax header
     while offset + BLOCK <= len(data):
-        header, total = view[offset:offset + BLOCK], int(sums[offset // BLOCK])
+        header, total = view[offset : offset + BLOCK], int(sums[offset // BLOCK])
         if not total:
             return  # end-of-archive marker
         unsigned = total - sum(header[148:156]) + 8 * 32  # the checksum field counts as 8 spaces
@@ -251,7 +253,7 @@ def tar_members(data: bytes) -> Iterator[tuple[str, int, int]]:
         if start + length > len(data):
             raise ValueError(f"tar member at byte {offset} is cut short")
         offset = start + -(-length // BLOCK) * BLOCK
-        payload = view[start:start + length]
+        payload = view[start : start + length]
         if kind == b"L":
             name = _text(payload)
         elif kind in (b"x", b"X"):
@@ -273,7 +275,7 @@ def base_plus_ext(name: str) -> tuple[str | None, str | None]:
     """webdataset's sample key and extension: the path up to the basename's first dot, and the rest."""
     slash = name.rfind("/") + 1
     dot = name.find(".", slash)
-    return (name[:dot], name[dot + 1:]) if dot > slash else (None, None)
+    return (name[:dot], name[dot + 1 :]) if dot > slash else (None, None)
 
 
 def tar_samples(data: bytes, piece: Piece) -> Iterator[dict]:
@@ -300,7 +302,7 @@ def tar_samples(data: bytes, piece: Piece) -> Iterator[dict]:
             ext = ext.lower()
             if ext in sample:
                 raise ValueError(f"{name}: duplicate file name in tar file {ext}")
-            sample[ext] = data[start:start + size]
+            sample[ext] = data[start : start + size]
     if sample is not None:
         yield sample
 
@@ -322,8 +324,10 @@ def read_piece(base: str, piece: Piece, strict: bool) -> list[dict | Lost]:
         except (tarfile.TarError, ValueError) as exc:  # webdataset re-raises tar damage as it meets it
             raise DataError(f"{piece.file}: damaged tar ({exc})") from exc
         if len(samples) < piece.take:
-            raise DataError(f"{piece.file}: damaged tar: {piece.skip + len(samples)} readable samples, "
-                            f"index.json promises {piece.skip + piece.take}")
+            raise DataError(
+                f"{piece.file}: damaged tar: {piece.skip + len(samples)} readable samples, "
+                f"index.json promises {piece.skip + piece.take}"
+            )
     except DataError as exc:
         if strict:
             raise
@@ -331,8 +335,7 @@ def read_piece(base: str, piece: Piece, strict: bool) -> list[dict | Lost]:
     return samples
 
 
-def block_shuffle(samples: Iterator[dict], block: int, seed: list[int], first_block: int,
-                  drop: int) -> Iterator[dict]:
+def block_shuffle(samples: Iterator[dict], block: int, seed: list[int], first_block: int, drop: int) -> Iterator[dict]:
     """Shuffle within consecutive blocks of `block` samples, then drop the first `drop` of the result.
 
     A sliding shuffle buffer's output depends on everything read before; fixed blocks, each with its
@@ -382,9 +385,21 @@ class ShardStream(IterableDataset):
     short: every sample is seen exactly once across all ranks.
     """
 
-    def __init__(self, base: str, index: DatasetIndex, split: str, *, batch_size: int, rank: int,
-                 world_size: int, train: bool, seed: int = 0, grad_accum: int = 1, shuffle_block: int = 2048,
-                 strict: bool = False):
+    def __init__(
+        self,
+        base: str,
+        index: DatasetIndex,
+        split: str,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        train: bool,
+        seed: int = 0,
+        grad_accum: int = 1,
+        shuffle_block: int = 2048,
+        strict: bool = False,
+    ):
         self.base, self.index, self.split_name, self.strict = base, index, split, strict
         self.split = index.splits[split]
         self.batch_size, self.rank, self.world_size, self.train = batch_size, rank, world_size, train
@@ -465,8 +480,12 @@ class ShardStream(IterableDataset):
             if good:
                 yield (*collate(good), lost, problems)
             elif lost:  # an eval batch with nothing readable: report it with an empty batch
-                yield (torch.empty(0, *self.index.image_size, self.index.channels, dtype=torch.uint8),
-                       torch.empty(0, dtype=torch.int64), lost, problems)
+                yield (
+                    torch.empty(0, *self.index.image_size, self.index.channels, dtype=torch.uint8),
+                    torch.empty(0, dtype=torch.int64),
+                    lost,
+                    problems,
+                )
 
 
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:
@@ -475,6 +494,12 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> Data
     Workers are re-created each epoch (not persistent) so they pick up set_epoch(); with fork that
     costs milliseconds.
     """
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None, persistent_workers=False,
-                      worker_init_fn=ignore_stop_signals if num_workers else None)
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+        worker_init_fn=ignore_stop_signals if num_workers else None,
+    )

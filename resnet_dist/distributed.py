@@ -62,8 +62,17 @@ class CPUSyncBatchNorm(_BatchNorm):
     Outside training, or without a process group of 2+ ranks, it is exactly a plain BatchNorm.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
 
@@ -118,8 +127,14 @@ class CPUSyncBatchNorm(_BatchNorm):
         """Replace every BatchNorm in `module` (recursively) by a CPUSyncBatchNorm sharing its tensors."""
         out = module
         if isinstance(module, _BatchNorm) and not isinstance(module, cls):
-            out = cls(module.num_features, module.eps, module.momentum, module.affine,
-                      module.track_running_stats, process_group)
+            out = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+            )
             # Share, not copy: the optimizer may already hold these parameters, and trained stats carry over.
             out.weight, out.bias = module.weight, module.bias
             out.running_mean, out.running_var = module.running_mean, module.running_var

@@ -25,6 +25,7 @@ from .hardware import cpu_has_bf16
 from .index import DatasetIndex
 from .tracking import Meter, Reporter
 
+
 @dataclass
 class Run:
     """Everything the loop needs, built once by `setup`."""
@@ -43,12 +44,12 @@ class Run:
     val_split: str | None
     guard: StepGuard | None = None
     epoch: int = 0
-    batch: int = 0               # micro-batches done in `epoch` (a multiple of grad_accum)
-    global_step: int = 0         # optimizer steps done
+    batch: int = 0  # micro-batches done in `epoch` (a multiple of grad_accum)
+    global_step: int = 0  # optimizer steps done
     best_val: float = -1.0
     history: list[dict] = field(default_factory=list)
     wandb_id: str = ""
-    lost_train: int = 0          # train samples that could not be read (replaced in their batch)
+    lost_train: int = 0  # train samples that could not be read (replaced in their batch)
     problems: list[str] = field(default_factory=list)  # data problems not yet reported
     reported: set[str] = field(default_factory=set)
 
@@ -66,7 +67,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
     ddp = DistributedDataParallelKwargs(
         gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy less per step
-        bucket_cap_mb=25)              # torch's default; overlaps all-reduce with the backward pass
+        bucket_cap_mb=25,
+    )  # torch's default; overlaps all-reduce with the backward pass
     # A dead or hung rank makes the others wait in a collective: this bounds the wait.
     group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
     accelerator = Accelerator(
@@ -77,7 +79,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         log_with=None if cfg.wandb_mode == "disabled" else "wandb",
         project_dir=cfg.out,
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[ddp, group])
+        kwargs_handlers=[ddp, group],
+    )
     check_world_size(accelerator)
     if on_cpu and accelerator.mixed_precision == "fp16":
         raise UsageError("fp16 mixed precision has no autocast on CPU; use --mixed_precision bf16 or no")
@@ -104,20 +107,35 @@ def save(run: Run, name: str, metrics: dict | None = None) -> None:
     A failed write (disk full, folder gone read-only) leaves the previous checkpoint as it was."""
     acc = run.accelerator
     if acc.is_main_process:
-        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                 "epoch": run.epoch, "batch": run.batch, "global_step": run.global_step,
-                 "best_val": run.best_val, "history": run.history}
-        meta = {"epoch": run.epoch, "batch": run.batch, "global_step": run.global_step,
-                "world_size": acc.num_processes, "wandb_id": run.wandb_id, "metrics": metrics or {},
-                "config": run.cfg.to_dict(), "classes": run.index.classes,
-                "mean": run.index.mean, "std": run.index.std}
+        state = {
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "epoch": run.epoch,
+            "batch": run.batch,
+            "global_step": run.global_step,
+            "best_val": run.best_val,
+            "history": run.history,
+        }
+        meta = {
+            "epoch": run.epoch,
+            "batch": run.batch,
+            "global_step": run.global_step,
+            "world_size": acc.num_processes,
+            "wandb_id": run.wandb_id,
+            "metrics": metrics or {},
+            "config": run.cfg.to_dict(),
+            "classes": run.index.classes,
+            "mean": run.index.mean,
+            "std": run.index.std,
+        }
         folder = run.run_dir / "checkpoints" / name
         try:
             save_checkpoint(folder, bare(acc, run.model), state, meta)
         except OSError as exc:
-            raise TrainingError(f"cannot write checkpoint {folder}: {exc.strerror or exc}; "
-                                f"the previous checkpoint is intact") from exc
+            raise TrainingError(
+                f"cannot write checkpoint {folder}: {exc.strerror or exc}; the previous checkpoint is intact"
+            ) from exc
     acc.wait_for_everyone()
 
 
@@ -190,12 +208,18 @@ def train_one_epoch(run: Run) -> dict:
     finally:
         del it, loader  # stop the loader workers now, also when a step raised
     run.reporter.end_epoch()
-    totals = acc.reduce(torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=acc.device)]),
-                        reduction="sum")
+    totals = acc.reduce(
+        torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=acc.device)]),
+        reduction="sum",
+    )
     n = max(totals[2].item(), 1.0)
-    return {"train_loss": totals[0].item() / n, "train_top1": totals[1].item() / n,
-            "img_per_s": meter.rate * acc.num_processes, "data_wait": meter.wait_fraction,
-            "epoch_seconds": meter.elapsed}
+    return {
+        "train_loss": totals[0].item() / n,
+        "train_top1": totals[1].item() / n,
+        "img_per_s": meter.rate * acc.num_processes,
+        "data_wait": meter.wait_fraction,
+        "epoch_seconds": meter.elapsed,
+    }
 
 
 def after_optimizer_step(run: Run, loss: torch.Tensor, window: Meter) -> None:
@@ -219,13 +243,20 @@ def log_train(run: Run, loss: torch.Tensor, window: Meter) -> None:
     acc = run.accelerator
     mean_loss = acc.reduce(loss.float(), reduction="mean").item()
     lr = run.optimizer.param_groups[0]["lr"]
-    metrics = {"train/loss": mean_loss, "train/lr": lr, "perf/img_per_s": window.rate * acc.num_processes,
-               "perf/img_per_s_per_process": window.rate, "perf/data_wait_fraction": window.wait_fraction,
-               "epoch": run.epoch + run.batch / run.train.num_batches}
+    metrics = {
+        "train/loss": mean_loss,
+        "train/lr": lr,
+        "perf/img_per_s": window.rate * acc.num_processes,
+        "perf/img_per_s_per_process": window.rate,
+        "perf/data_wait_fraction": window.wait_fraction,
+        "epoch": run.epoch + run.batch / run.train.num_batches,
+    }
     acc.log(metrics, step=run.global_step)
     report_problems(run)
-    stats = (f"loss {mean_loss:.4f}  lr {lr:.4g}  {metrics['perf/img_per_s']:.0f} img/s  "
-             f"data wait {window.wait_fraction:.0%}")
+    stats = (
+        f"loss {mean_loss:.4f}  lr {lr:.4g}  {metrics['perf/img_per_s']:.0f} img/s  "
+        f"data wait {window.wait_fraction:.0%}"
+    )
     run.reporter.step(0, stats)
     run.reporter.log_line(f"epoch {run.epoch + 1} step {run.global_step}: {stats}")
 
@@ -252,8 +283,15 @@ def eval_scores(model: torch.nn.Module, images: torch.Tensor, augment: BatchAugm
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, stream: ShardStream, augment: BatchAugment,
-             num_workers: int, num_classes: int, tta_flip: bool = False) -> dict:
+def evaluate(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    stream: ShardStream,
+    augment: BatchAugment,
+    num_workers: int,
+    num_classes: int,
+    tta_flip: bool = False,
+) -> dict:
     """Exact metrics over a split: each rank counts its own slice, then one all-reduce of the sums.
 
     The unwrapped model runs in eval mode, so no collective happens per batch and ranks may run
@@ -274,14 +312,25 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, stream: ShardStre
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with accelerator.autocast():
             logits = eval_scores(model, images, augment, tta_flip)
-        sums[:4] += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                                 topk_correct(logits, labels, 1).double(), topk_correct(logits, labels, 5).double(),
-                                 torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+        sums[:4] += torch.stack(
+            [
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                topk_correct(logits, labels, 1).double(),
+                topk_correct(logits, labels, 5).double(),
+                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+            ]
+        )
         confusion.index_put_((labels, logits.argmax(1)), torch.ones_like(labels), accumulate=True)
     model.train(was_training)
     sums = accelerator.reduce(sums, reduction="sum")
     confusion = accelerator.reduce(confusion, reduction="sum")
     n = max(sums[3].item(), 1.0)
-    return {"loss": sums[0].item() / n, "top1": sums[1].item() / n, "top5": sums[2].item() / n,
-            "count": int(sums[3].item()), "lost": int(sums[4].item()), "problems": problems,
-            "confusion": confusion.cpu().tolist()}
+    return {
+        "loss": sums[0].item() / n,
+        "top1": sums[1].item() / n,
+        "top5": sums[2].item() / n,
+        "count": int(sums[3].item()),
+        "lost": int(sums[4].item()),
+        "problems": problems,
+        "confusion": confusion.cpu().tolist(),
+    }

@@ -38,6 +38,7 @@ TTA_CHOICES = ("none", "flip")
 
 # ---------------------------------------------------------------- finding and loading a checkpoint
 
+
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder as given, or a run folder's checkpoints/best, else checkpoints/last."""
     path = Path(path)
@@ -50,8 +51,10 @@ def resolve_checkpoint(path: Path) -> Path:
         found = find_checkpoint(path / "checkpoints" / name)
         if found is not None:
             return found
-    raise UsageError(f"--checkpoint {path}: neither a checkpoint folder (meta.json + model.safetensors) "
-                     f"nor a run folder holding checkpoints/best or checkpoints/last")
+    raise UsageError(
+        f"--checkpoint {path}: neither a checkpoint folder (meta.json + model.safetensors) "
+        f"nor a run folder holding checkpoints/best or checkpoints/last"
+    )
 
 
 def run_folder_of(checkpoint: Path) -> Path:
@@ -64,7 +67,11 @@ def read_meta(checkpoint: Path) -> dict:
         meta = json.loads((checkpoint / "meta.json").read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{checkpoint / 'meta.json'}: unreadable ({exc})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("classes"), list):
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("config"), dict)
+        or not isinstance(meta.get("classes"), list)
+    ):
         raise DataError(f"{checkpoint / 'meta.json'}: lacks the run's config and class names")
     return meta
 
@@ -86,23 +93,35 @@ def load_model(checkpoint: Path, meta: dict, index: DatasetIndex, data: str) -> 
     """The checkpoint's model, built from its own config; refused if it does not fit the shards."""
     cfg = config_of(meta)
     if list(meta["classes"]) != list(index.classes):
-        raise UsageError(f"checkpoint {checkpoint} was trained on {len(meta['classes'])} classes "
-                         f"({', '.join(map(str, meta['classes'][:5]))}{', ...' if len(meta['classes']) > 5 else ''}) "
-                         f"but {data} has {index.num_classes} ({', '.join(index.classes[:5])}"
-                         f"{', ...' if index.num_classes > 5 else ''})")
-    model = build_model(cfg.model, num_classes=index.num_classes, in_channels=index.channels, stem=cfg.stem,
-                        width=cfg.width or None, dropout=cfg.dropout, zero_init_residual=cfg.zero_init_residual)
+        raise UsageError(
+            f"checkpoint {checkpoint} was trained on {len(meta['classes'])} classes "
+            f"({', '.join(map(str, meta['classes'][:5]))}{', ...' if len(meta['classes']) > 5 else ''}) "
+            f"but {data} has {index.num_classes} ({', '.join(index.classes[:5])}"
+            f"{', ...' if index.num_classes > 5 else ''})"
+        )
+    model = build_model(
+        cfg.model,
+        num_classes=index.num_classes,
+        in_channels=index.channels,
+        stem=cfg.stem,
+        width=cfg.width or None,
+        dropout=cfg.dropout,
+        zero_init_residual=cfg.zero_init_residual,
+    )
     weights = load_weights(checkpoint)
     _, channels = stem_channels(model, weights)
     if channels != index.channels:
-        raise UsageError(f"checkpoint {checkpoint} takes {channels}-channel images but {data} holds "
-                         f"{index.channels}-channel images")
+        raise UsageError(
+            f"checkpoint {checkpoint} takes {channels}-channel images but {data} holds {index.channels}-channel images"
+        )
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise DataError(f"{checkpoint}: weights do not fit a {cfg.model} of width {cfg.width} "
-                        f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+        raise DataError(
+            f"{checkpoint}: weights do not fit a {cfg.model} of width {cfg.width} "
+            f"({first[1].strip() if len(first) > 1 else first[0]})"
+        ) from None
     return model
 
 
@@ -115,13 +134,16 @@ def per_class(confusion, classes: list[str]) -> tuple[list[dict], dict]:
     recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(hits), where=denom > 0)
-    rows = [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(classes, precision, recall, f1, support)]
+    rows = [
+        {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for name, p, r, f, s in zip(classes, precision, recall, f1, support)
+    ]
     macro = {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())}
     return rows, macro
 
 
 # ---------------------------------------------------------------- outputs
+
 
 def plot_confusion(path: Path, confusion, classes: list[str], title: str) -> None:
     """Rows normalised to the true class (so the diagonal is per-class recall); counts written in each
@@ -143,8 +165,15 @@ def plot_confusion(path: Path, confusion, classes: list[str], title: str) -> Non
     if k <= 20:
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, f"{int(c[i, j])}", ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{int(c[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -162,18 +191,31 @@ def print_results(result: dict) -> None:
     console = Console(highlight=False, soft_wrap=True)
     if not console.is_terminal:
         console.width = max(console.width, 120)  # logs and pipes: no truncated columns
-    head = (f"{result['split']} of {result['data']}{' with flip TTA' if result['tta'] == 'flip' else ''}: "
-            f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}  "
-            f"on {result['count']:,} samples ({result['lost']} lost), {result['world_size']} process(es)")
+    head = (
+        f"{result['split']} of {result['data']}{' with flip TTA' if result['tta'] == 'flip' else ''}: "
+        f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}  "
+        f"on {result['count']:,} samples ({result['lost']} lost), {result['world_size']} process(es)"
+    )
     table = Table(title=f"evaluation of {result['checkpoint']}")
     for name in ("class", "precision", "recall", "F1", "support"):
         table.add_column(name, justify="left" if name == "class" else "right")
     for row in result["per_class"]:
-        table.add_row(str(row["class"]), f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
-                      f"{row['support']:,}")
+        table.add_row(
+            str(row["class"]),
+            f"{row['precision']:.4f}",
+            f"{row['recall']:.4f}",
+            f"{row['f1']:.4f}",
+            f"{row['support']:,}",
+        )
     macro = result["macro"]
-    table.add_row("macro average", f"{macro['precision']:.4f}", f"{macro['recall']:.4f}", f"{macro['f1']:.4f}",
-                  f"{result['count']:,}", style="bold")
+    table.add_row(
+        "macro average",
+        f"{macro['precision']:.4f}",
+        f"{macro['recall']:.4f}",
+        f"{macro['f1']:.4f}",
+        f"{result['count']:,}",
+        style="bold",
+    )
     console.print(table)
     console.print(head)
     for problem in sorted(set(result["problems"])):
@@ -185,14 +227,22 @@ def print_results(result: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m resnet_dist.evaluate",
-                                     description="Evaluate a checkpoint on one split of a shard folder.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint folder (RUN_DIR/checkpoints/best) or a run folder (best, else last)")
+    parser = OneLineParser(
+        prog="python -m resnet_dist.evaluate", description="Evaluate a checkpoint on one split of a shard folder."
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint folder (RUN_DIR/checkpoints/best) or a run folder (best, else last)",
+    )
     parser.add_argument("--data", required=True, help="shard folder or http(s) URL prefix holding index.json")
     parser.add_argument("--split", default="test", help="split of the shards to evaluate (default: test)")
-    parser.add_argument("--tta", default="none", choices=TTA_CHOICES,
-                        help="flip: average the softmax of each image and its horizontal mirror")
+    parser.add_argument(
+        "--tta",
+        default="none",
+        choices=TTA_CHOICES,
+        help="flip: average the softmax of each image and its horizontal mirror",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval-SPLIT[-tta])")
     parser.add_argument("--batch-size", type=int, default=256, help="images per process per batch (default: 256)")
     parser.add_argument("--num-workers", type=int, default=2, help="loader worker processes per process (default: 2)")
@@ -226,21 +276,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = model.to(accelerator.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    stream = ShardStream(args.data, index, args.split, batch_size=args.batch_size, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, train=False)
+    stream = ShardStream(
+        args.data,
+        index,
+        args.split,
+        batch_size=args.batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        train=False,
+    )
     # The model saw the mean/std of the shards it was trained on: normalise with those.
-    augment = BatchAugment(meta.get("mean", index.mean), meta.get("std", index.std), accelerator.device,
-                           channels_last=cfg.channels_last)
-    metrics = evaluate(accelerator, model, stream, augment, args.num_workers, index.num_classes,
-                       tta_flip=args.tta == "flip")
+    augment = BatchAugment(
+        meta.get("mean", index.mean), meta.get("std", index.std), accelerator.device, channels_last=cfg.channels_last
+    )
+    metrics = evaluate(
+        accelerator, model, stream, augment, args.num_workers, index.num_classes, tta_flip=args.tta == "flip"
+    )
     rows, macro = per_class(metrics["confusion"], index.classes)
-    result = {"checkpoint": str(checkpoint), "data": str(args.data), "split": args.split, "tta": args.tta,
-              "model": cfg.model, "epoch": meta.get("epoch"), "global_step": meta.get("global_step"),
-              "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-              "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
-              "count": metrics["count"], "lost": metrics["lost"], "expected_count": index.splits[args.split].num_samples,
-              "macro": macro, "per_class": rows, "classes": index.classes, "confusion": metrics["confusion"],
-              "problems": sorted(set(metrics["problems"])), "out": str(out)}
+    result = {
+        "checkpoint": str(checkpoint),
+        "data": str(args.data),
+        "split": args.split,
+        "tta": args.tta,
+        "model": cfg.model,
+        "epoch": meta.get("epoch"),
+        "global_step": meta.get("global_step"),
+        "world_size": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "loss": metrics["loss"],
+        "count": metrics["count"],
+        "lost": metrics["lost"],
+        "expected_count": index.splits[args.split].num_samples,
+        "macro": macro,
+        "per_class": rows,
+        "classes": index.classes,
+        "confusion": metrics["confusion"],
+        "problems": sorted(set(metrics["problems"])),
+        "out": str(out),
+    }
     if accelerator.is_main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from .errors import TrainingError
 class Diverged(TrainingError):
     """Too many non-finite steps in a row: the run stops, after saving its last good state."""
 
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -63,7 +64,7 @@ class StepGuard:
     def __init__(self, accelerator, stop: StopRequest, max_bad_steps: int):
         self.accelerator, self.stop, self.max_bad_steps = accelerator, stop, max_bad_steps
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-        self.bad_steps = 0          # skipped steps in the whole run
+        self.bad_steps = 0  # skipped steps in the whole run
         self.bad_in_row = 0
         self.stop_requested = False
 
@@ -73,8 +74,9 @@ class StepGuard:
 
     def decide(self) -> bool:
         """At an optimizer step: True if every rank may apply it. One all-reduce, one host sync."""
-        local = torch.stack([self.nonfinite.float(), torch.tensor(float(self.stop.signum is not None),
-                                                                  device=self.nonfinite.device)])
+        local = torch.stack(
+            [self.nonfinite.float(), torch.tensor(float(self.stop.signum is not None), device=self.nonfinite.device)]
+        )
         nonfinite, stop = self.accelerator.reduce(local, reduction="sum").tolist()
         self.nonfinite.zero_()
         self.stop_requested = self.stop_requested or stop > 0
@@ -87,9 +89,11 @@ class StepGuard:
 
     def check_divergence(self, step: int) -> None:
         if self.max_bad_steps and self.bad_in_row >= self.max_bad_steps:
-            raise Diverged(f"the loss was NaN or infinite for {self.bad_in_row} optimizer steps in a row "
-                                f"(up to step {step}); stopped. Lower --lr or check the data; the last good "
-                                f"state is in checkpoints/last")
+            raise Diverged(
+                f"the loss was NaN or infinite for {self.bad_in_row} optimizer steps in a row "
+                f"(up to step {step}); stopped. Lower --lr or check the data; the last good "
+                f"state is in checkpoints/last"
+            )
 
 
 def name_silent_ranks(rank: int, world_size: int, wait_s: float = 3.0) -> str:

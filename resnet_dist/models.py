@@ -114,24 +114,58 @@ class ResNet(nn.Module):
         return self.fc(self.dropout(x))  # (B, num_classes)
 
 
-def _resnet(block: Block, layers: list[int], num_classes: int, stem: str, width: int, in_channels: int,
-            dropout: float, zero_init_residual: bool) -> ResNet:
-    return ResNet(block, layers, num_classes, stem=stem, width=width, in_channels=in_channels,
-                  dropout=dropout, zero_init_residual=zero_init_residual)
+def _resnet(
+    block: Block,
+    layers: list[int],
+    num_classes: int,
+    stem: str,
+    width: int,
+    in_channels: int,
+    dropout: float,
+    zero_init_residual: bool,
+) -> ResNet:
+    return ResNet(
+        block,
+        layers,
+        num_classes,
+        stem=stem,
+        width=width,
+        in_channels=in_channels,
+        dropout=dropout,
+        zero_init_residual=zero_init_residual,
+    )
 
 
-def resnet18(num_classes: int = 1000, stem: str = "imagenet", width: int = 64, in_channels: int = 3,
-             dropout: float = 0.0, zero_init_residual: bool = False) -> ResNet:
+def resnet18(
+    num_classes: int = 1000,
+    stem: str = "imagenet",
+    width: int = 64,
+    in_channels: int = 3,
+    dropout: float = 0.0,
+    zero_init_residual: bool = False,
+) -> ResNet:
     return _resnet(BasicBlock, [2, 2, 2, 2], num_classes, stem, width, in_channels, dropout, zero_init_residual)
 
 
-def resnet34(num_classes: int = 1000, stem: str = "imagenet", width: int = 64, in_channels: int = 3,
-             dropout: float = 0.0, zero_init_residual: bool = False) -> ResNet:
+def resnet34(
+    num_classes: int = 1000,
+    stem: str = "imagenet",
+    width: int = 64,
+    in_channels: int = 3,
+    dropout: float = 0.0,
+    zero_init_residual: bool = False,
+) -> ResNet:
     return _resnet(BasicBlock, [3, 4, 6, 3], num_classes, stem, width, in_channels, dropout, zero_init_residual)
 
 
-def resnet50(num_classes: int = 1000, stem: str = "imagenet", width: int = 64, in_channels: int = 3,
-             dropout: float = 0.0, zero_init_residual: bool = False) -> ResNet:
+def resnet50(
+    num_classes: int = 1000,
+    stem: str = "imagenet",
+    width: int = 64,
+    in_channels: int = 3,
+    dropout: float = 0.0,
+    zero_init_residual: bool = False,
+) -> ResNet:
     return _resnet(Bottleneck, [3, 4, 6, 3], num_classes, stem, width, in_channels, dropout, zero_init_residual)
 
 
@@ -145,14 +179,16 @@ def simple_cnn(num_classes: int = 10, in_channels: int = 3, width: int = 32, dro
 
     def stage(cin: int, cout: int, pool: bool) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)] + (
-            [nn.MaxPool2d(2)] if pool else [])
+            [nn.MaxPool2d(2)] if pool else []
+        )
 
     w = width
     features = nn.Sequential(
         *stage(in_channels, w, True), *stage(w, 2 * w, True), *stage(2 * w, 4 * w, True), *stage(4 * w, 8 * w, False)
     )  # (B, 8w, H/8, W/8)
     classifier = nn.Sequential(
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 8w)
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),  # (B, 8w)
         nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
         nn.Linear(8 * w, num_classes),
     )
@@ -181,8 +217,7 @@ def build_model(
     _check("stem", stem, stem in STEMS, f"one of {', '.join(STEMS)}")
     if name == "simple_cnn":
         return simple_cnn(num_classes, in_channels, 32 if width is None else width, dropout)
-    return _RESNETS[name](num_classes, stem, 64 if width is None else width, in_channels, dropout,
-                          zero_init_residual)
+    return _RESNETS[name](num_classes, stem, 64 if width is None else width, in_channels, dropout, zero_init_residual)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

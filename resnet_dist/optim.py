@@ -9,8 +9,9 @@ import torch
 
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -45,7 +46,10 @@ def build_scheduler(cfg, optimizer, total_steps: int, steps_per_epoch: int):
         # Rising phase: the warm-up if given, else 25% of the run (Smith & Topin's super-convergence).
         pct = min(0.9, warmup / total_steps) if warmup else 0.25
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 2), pct_start=pct,
-            cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.schedule))
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=max(total_steps, 2),
+            pct_start=pct,
+            cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0,
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.schedule))

@@ -23,10 +23,17 @@ from .models import build_model
 
 # (key, header, kind) of each column, in order; kind says how to format it.
 COLUMNS = [
-    ("run", "run", "str"), ("model", "model", "str"), ("params", "params", "int"), ("epochs", "epochs", "int"),
-    ("best_val_top1", "best val top-1", "pct"), ("final_val_top1", "final val top-1", "pct"),
-    ("test_top1", "test top-1", "pct"), ("wall_seconds", "wall time", "secs"),
-    ("train_img_per_s", "train img/s", "rate"), ("weight_decay", "weight decay", "num"), ("lr", "lr", "num"),
+    ("run", "run", "str"),
+    ("model", "model", "str"),
+    ("params", "params", "int"),
+    ("epochs", "epochs", "int"),
+    ("best_val_top1", "best val top-1", "pct"),
+    ("final_val_top1", "final val top-1", "pct"),
+    ("test_top1", "test top-1", "pct"),
+    ("wall_seconds", "wall time", "secs"),
+    ("train_img_per_s", "train img/s", "rate"),
+    ("weight_decay", "weight decay", "num"),
+    ("lr", "lr", "num"),
 ]
 
 
@@ -48,8 +55,12 @@ def count_params(run_dir: Path, config: dict) -> int | None:
     if checkpoint is None or not (checkpoint / "model.safetensors").is_file():
         return None
     try:
-        model = build_model(config.get("model", "resnet18"), num_classes=2, stem=config.get("stem", "cifar"),
-                            width=config.get("width") or None)
+        model = build_model(
+            config.get("model", "resnet18"),
+            num_classes=2,
+            stem=config.get("stem", "cifar"),
+            width=config.get("width") or None,
+        )
         names = {name for name, _ in model.named_parameters()}
         total = 0
         with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
@@ -70,8 +81,9 @@ def load_run(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such run folder")
     if not (run_dir / "config.json").is_file() or not (run_dir / "history.json").is_file():
-        raise UsageError(f"{run_dir}: not a run folder (expected config.json and history.json written by "
-                         f"launch/train.py)")
+        raise UsageError(
+            f"{run_dir}: not a run folder (expected config.json and history.json written by launch/train.py)"
+        )
     config = _json(run_dir / "config.json")
     history = _json(run_dir / "history.json")
     summary = _json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
@@ -81,28 +93,42 @@ def load_run(run_dir: Path) -> dict:
     test = summary.get("test_top1")
     if test is None and (run_dir / "eval-test" / "eval.json").is_file():
         test = _json(run_dir / "eval-test" / "eval.json").get("top1")
-    row = {"run": run_dir.name, "path": str(run_dir), "model": config.get("model"),
-           "params": count_params(run_dir, config),
-           "epochs": summary.get("epochs_done", len(history)),
-           "best_val_top1": summary.get("best_val_top1", max(vals) if vals else None),
-           "final_val_top1": summary.get("final_val_top1", vals[-1] if vals else None),
-           "test_top1": test, "wall_seconds": summary.get("wall_seconds"),
-           "train_img_per_s": summary.get("train_img_per_s", history[-1].get("img_per_s") if history else None),
-           "weight_decay": config.get("weight_decay"), "lr": config.get("lr"),
-           "finished": bool(summary)}
+    row = {
+        "run": run_dir.name,
+        "path": str(run_dir),
+        "model": config.get("model"),
+        "params": count_params(run_dir, config),
+        "epochs": summary.get("epochs_done", len(history)),
+        "best_val_top1": summary.get("best_val_top1", max(vals) if vals else None),
+        "final_val_top1": summary.get("final_val_top1", vals[-1] if vals else None),
+        "test_top1": test,
+        "wall_seconds": summary.get("wall_seconds"),
+        "train_img_per_s": summary.get("train_img_per_s", history[-1].get("img_per_s") if history else None),
+        "weight_decay": config.get("weight_decay"),
+        "lr": config.get("lr"),
+        "finished": bool(summary),
+    }
     return {"row": row, "history": history}
 
 
 def fmt(value, kind: str) -> str:
     if value is None:
         return "-"
-    return {"str": lambda v: str(v), "int": lambda v: f"{v:,}", "pct": lambda v: f"{v:.2%}",
-            "secs": lambda v: f"{v:,.1f} s", "rate": lambda v: f"{v:,.0f}", "num": lambda v: f"{v:g}"}[kind](value)
+    return {
+        "str": lambda v: str(v),
+        "int": lambda v: f"{v:,}",
+        "pct": lambda v: f"{v:.2%}",
+        "secs": lambda v: f"{v:,.1f} s",
+        "rate": lambda v: f"{v:,.0f}",
+        "num": lambda v: f"{v:g}",
+    }[kind](value)
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(header for _, header, _ in COLUMNS) + " |",
-             "| " + " | ".join("---" if kind == "str" else "---:" for _, _, kind in COLUMNS) + " |"]
+    lines = [
+        "| " + " | ".join(header for _, header, _ in COLUMNS) + " |",
+        "| " + " | ".join("---" if kind == "str" else "---:" for _, _, kind in COLUMNS) + " |",
+    ]
     for row in rows:
         lines.append("| " + " | ".join(fmt(row[key], kind) for key, _, kind in COLUMNS) + " |")
     best = max((r for r in rows if r["best_val_top1"] is not None), key=lambda r: r["best_val_top1"], default=None)
@@ -112,8 +138,10 @@ def markdown(rows: list[dict]) -> str:
     unfinished = [r["run"] for r in rows if not r["finished"]]
     if unfinished:
         notes.append(f"Not finished (no summary.json): {', '.join(unfinished)}.")
-    notes.append("Generalisation gap (train top-1 minus val top-1, per epoch) in generalization_gap.png; "
-                 "train top-1 is measured on augmented batches.")
+    notes.append(
+        "Generalisation gap (train top-1 minus val top-1, per epoch) in generalization_gap.png; "
+        "train top-1 is measured on augmented batches."
+    )
     return "# Run comparison\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
@@ -132,10 +160,11 @@ def plot_curves(out: Path, runs: list[dict]) -> list[Path]:
     def gap(h):
         return None if h.get("val_top1") is None or h.get("train_top1") is None else h["train_top1"] - h["val_top1"]
 
-    figures = [("val_accuracy", "val top-1", [("", val, "-")]),
-               ("generalization_gap", "train top-1 - val top-1", [("", gap, "-")]),
-               ("loss", "loss", [(" train", lambda h: h.get("train_loss"), "-"),
-                                 (" val", lambda h: h.get("val_loss"), "--")])]
+    figures = [
+        ("val_accuracy", "val top-1", [("", val, "-")]),
+        ("generalization_gap", "train top-1 - val top-1", [("", gap, "-")]),
+        ("loss", "loss", [(" train", lambda h: h.get("train_loss"), "-"), (" val", lambda h: h.get("val_loss"), "--")]),
+    ]
     written = []
     for name, ylabel, lines in figures:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -144,8 +173,9 @@ def plot_curves(out: Path, runs: list[dict]) -> list[Path]:
             for suffix, f, style in lines:
                 points = series(run["history"], f)
                 if points:
-                    ax.plot(*zip(*points), style, marker="o", markersize=3, color=color,
-                            label=run["row"]["run"] + suffix)
+                    ax.plot(
+                        *zip(*points), style, marker="o", markersize=3, color=color, label=run["row"]["run"] + suffix
+                    )
         if name == "generalization_gap":
             ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xlabel("epoch")
@@ -207,8 +237,14 @@ def report(run_dirs: Sequence[str | Path], out: Path) -> list[dict]:
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot create ({exc.strerror})") from None
     rows = [run["row"] for run in runs]
-    write_json_atomic(out / "report.json", {"columns": [key for key, _, _ in COLUMNS], "runs": rows,
-                                            "history": {run["row"]["run"]: run["history"] for run in runs}})
+    write_json_atomic(
+        out / "report.json",
+        {
+            "columns": [key for key, _, _ in COLUMNS],
+            "runs": rows,
+            "history": {run["row"]["run"]: run["history"] for run in runs},
+        },
+    )
     tmp = out / ".report.md.tmp"
     tmp.write_text(markdown(rows))
     os.replace(tmp, out / "report.md")
@@ -219,8 +255,9 @@ def report(run_dirs: Sequence[str | Path], out: Path) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rows = report(args.runs, Path(args.out))
-    print_table(rows, f"wrote {Path(args.out) / 'report.md'}, report.json, val_accuracy.png, "
-                      "generalization_gap.png, loss.png")
+    print_table(
+        rows, f"wrote {Path(args.out) / 'report.md'}, report.json, val_accuracy.png, generalization_gap.png, loss.png"
+    )
     return 0
 
 

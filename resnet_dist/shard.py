@@ -395,7 +395,9 @@ def prepare_out_dir(folder: Path, overwrite: bool) -> None:
         raise UsageError(f"--out {folder} exists and is not a folder")
     found = existing_outputs(folder)
     if found and not overwrite:
-        raise UsageError(f"{folder} already holds shards ({len(found)} files, e.g. {found[0].name}): pass --overwrite to replace them")
+        raise UsageError(
+            f"{folder} already holds shards ({len(found)} files, e.g. {found[0].name}): pass --overwrite to replace them"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     # The index goes first: from here on no index points at shards we are about to replace.
     for path in sorted(found, key=lambda p: p.name != INDEX_NAME):
@@ -461,7 +463,9 @@ def probe_files(source: Source, pool, strict: bool) -> list[tuple[str, tuple[int
 
 def load_source(args: argparse.Namespace) -> Source:
     if args.source == "synthetic":
-        return read_synthetic(args.num_classes or 10, args.image_size or 32, args.num_samples or 1000, args.channels or 3)
+        return read_synthetic(
+            args.num_classes or 10, args.image_size or 32, args.num_samples or 1000, args.channels or 3
+        )
     root = Path(args.root)
     if args.download:
         download(args.source, root)
@@ -472,8 +476,12 @@ def download(source: str, root: Path) -> None:
     """Fetch with torchvision into `root`, in the layout its readers then find (online only)."""
     from torchvision import datasets
 
-    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "mnist": datasets.MNIST,
-           "fashion-mnist": datasets.FashionMNIST}[source]  # fmt: skip
+    cls = {
+        "cifar10": datasets.CIFAR10,
+        "cifar100": datasets.CIFAR100,
+        "mnist": datasets.MNIST,
+        "fashion-mnist": datasets.FashionMNIST,
+    }[source]
     root.mkdir(parents=True, exist_ok=True)
     try:
         for train in (True, False):
@@ -492,7 +500,9 @@ def arrange_splits(source: Source, args: argparse.Namespace) -> None:
                 raise UsageError(f"{source.name} already has val and test splits: drop --val-fraction")
             # Tiny ImageNet's labelled val/ is the usual held-out test set once val comes from train.
             source.splits["test"] = source.splits.pop("val")
-            source.notes.append("the source's own val split is written as 'test' (--val-fraction carves 'val' from train)")
+            source.notes.append(
+                "the source's own val split is written as 'test' (--val-fraction carves 'val' from train)"
+            )
         train, val = carve_val(source.splits["train"], args.val_fraction, args.seed)
         if not len(val) or not len(train):
             raise UsageError(f"--val-fraction {args.val_fraction} leaves an empty split")
@@ -500,7 +510,9 @@ def arrange_splits(source: Source, args: argparse.Namespace) -> None:
         source.notes.append(f"val: {args.val_fraction:g} of each train class, seed {args.seed}")
     for name in source.splits:
         if not SPLIT_RE.match(name):
-            raise UsageError(f"split name {name!r} must use only letters, digits, '_' and '-' (it becomes part of keys)")
+            raise UsageError(
+                f"split name {name!r} must use only letters, digits, '_' and '-' (it becomes part of keys)"
+            )
     for name in [n for n, s in source.splits.items() if not len(s)]:
         source.notes.append(f"split '{name}' is empty: not written")
         del source.splits[name]
@@ -552,15 +564,26 @@ def write_splits(source: Source, args, out: Path, pool, size: tuple[int, int], c
     stats = PixelStats()
     splits: dict[str, SplitInfo] = {}
     progress = Progress(
-        TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
-    )  # fmt: skip
+        TextColumn("{task.description:>8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
     with progress:
         for name in sorted(source.splits, key=lambda n: (n != "train", n)):
             split = source.splits[name]
             order = shuffled_order(len(split), args.seed, name, args.limit)
             data = split.take(order)
-            plan = Plan(size, channels, args.format, args.quality or DEFAULT_JPEG_QUALITY, bool(args.image_size), name == stats_name)
+            plan = Plan(
+                size,
+                channels,
+                args.format,
+                args.quality or DEFAULT_JPEG_QUALITY,
+                bool(args.image_size),
+                name == stats_name,
+            )
             bar = progress.add_task(name, total=len(data))
             writer = ShardWriter(out, name, args.shard_size)
             try:
@@ -611,15 +634,21 @@ def summarize(index: DatasetIndex, out: Path, seconds: float) -> None:
     total = 0
     for name, split in index.splits.items():
         total += split.num_samples
-        table.add_row(name, f"{split.num_samples:,}", str(len(split.shards)), f"{sum(s.bytes for s in split.shards) / 1e6:.1f}")
+        table.add_row(
+            name, f"{split.num_samples:,}", str(len(split.shards)), f"{sum(s.bytes for s in split.shards) / 1e6:.1f}"
+        )
     console.print(table)
     h, w = index.image_size
     fmt = lambda xs: "[" + ", ".join(f"{x:.4f}" for x in xs) + "]"  # noqa: E731
-    console.print(f"{h}x{w}x{index.channels} {index.format}, {index.num_classes} classes; mean {fmt(index.mean)} std {fmt(index.std)}")
+    console.print(
+        f"{h}x{w}x{index.channels} {index.format}, {index.num_classes} classes; mean {fmt(index.mean)} std {fmt(index.std)}"
+    )
     console.print(f"{total:,} samples in {seconds:.1f}s ({total / max(seconds, 1e-9):,.0f} samples/s)")
     if index.skipped:
         first = index.skipped[0]
-        console.print(f"[yellow]skipped {len(index.skipped)} input(s)[/], e.g. {first['path']}: {first['reason']} (all listed in index.json)")
+        console.print(
+            f"[yellow]skipped {len(index.skipped)} input(s)[/], e.g. {first['path']}: {first['reason']} (all listed in index.json)"
+        )
     for note in index.notes:
         console.print(f"note: {note}")
 
@@ -710,7 +739,9 @@ def verify(folder: Path) -> list[str]:
     table = Table(title=f"verify {folder}", title_justify="left")
     for col in ("split", "samples", "shards", "problems"):
         table.add_column(col, justify="left" if col == "split" else "right")
-    with Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), console=console, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), console=console, transient=True
+    ) as progress:
         for name, split in index.splits.items():
             task = progress.add_task(name, total=len(split.shards))
             found = []
@@ -718,7 +749,9 @@ def verify(folder: Path) -> list[str]:
                 found += verify_shard(folder, shard, index, seen)
                 progress.advance(task)
             problems += found
-            table.add_row(name, f"{split.num_samples:,}", str(len(split.shards)), str(len(found)) if found else "[green]0[/]")
+            table.add_row(
+                name, f"{split.num_samples:,}", str(len(split.shards)), str(len(found)) if found else "[green]0[/]"
+            )
     console.print(table)
     return problems
 
@@ -758,20 +791,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", choices=SOURCES, help="source layout (see docs/shards.md)")
     p.add_argument("--root", type=Path, help="where the source lives (not for synthetic)")
     p.add_argument("--out", type=Path, help="output folder (default: shards/<source>)")
-    p.add_argument("--format", choices=("png", "jpeg"), default="png", help="encoding for decoded images (default png, lossless)")
-    p.add_argument("--quality", type=_int_at_least(1), help=f"JPEG quality 1-95 with --format jpeg (default {DEFAULT_JPEG_QUALITY})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the write-time shuffle and of --val-fraction (default 0)")
-    p.add_argument("--val-fraction", type=_fraction, help="carve a class-stratified val split of this fraction out of train")
-    p.add_argument("--shard-size", type=_int_at_least(1), default=DEFAULT_SHARD_SIZE, help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
-    p.add_argument("--limit", type=_int_at_least(1), help="at most N samples per split (after the shuffle), for quick runs")
-    p.add_argument("--workers", type=_int_at_least(1), default=min(os.cpu_count() or 1, 8), help="encoding processes (default: CPU count, at most 8); output is identical for any value")
+    p.add_argument(
+        "--format", choices=("png", "jpeg"), default="png", help="encoding for decoded images (default png, lossless)"
+    )
+    p.add_argument(
+        "--quality",
+        type=_int_at_least(1),
+        help=f"JPEG quality 1-95 with --format jpeg (default {DEFAULT_JPEG_QUALITY})",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the write-time shuffle and of --val-fraction (default 0)"
+    )
+    p.add_argument(
+        "--val-fraction", type=_fraction, help="carve a class-stratified val split of this fraction out of train"
+    )
+    p.add_argument(
+        "--shard-size",
+        type=_int_at_least(1),
+        default=DEFAULT_SHARD_SIZE,
+        help=f"samples per shard (default {DEFAULT_SHARD_SIZE})",
+    )
+    p.add_argument(
+        "--limit", type=_int_at_least(1), help="at most N samples per split (after the shuffle), for quick runs"
+    )
+    p.add_argument(
+        "--workers",
+        type=_int_at_least(1),
+        default=min(os.cpu_count() or 1, 8),
+        help="encoding processes (default: CPU count, at most 8); output is identical for any value",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--strict", action="store_true", help="fail on an undecodable image instead of skipping it")
     p.add_argument("--download", action="store_true", help=f"fetch with torchvision first ({', '.join(DOWNLOADABLE)})")
-    p.add_argument("--image-size", type=_int_at_least(1), help="resize (shorter side) + center-crop every image to N x N; synthetic: image size (default 32)")
-    p.add_argument("--channels", type=int, choices=(1, 3), help="convert to 1 (L) or 3 (RGB) channels (default: the source's; imagefolder: 3 unless all grayscale)")
+    p.add_argument(
+        "--image-size",
+        type=_int_at_least(1),
+        help="resize (shorter side) + center-crop every image to N x N; synthetic: image size (default 32)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        help="convert to 1 (L) or 3 (RGB) channels (default: the source's; imagefolder: 3 unless all grayscale)",
+    )
     p.add_argument("--num-classes", type=_int_at_least(1), help="synthetic: classes (default 10)")
-    p.add_argument("--num-samples", type=_int_at_least(1), help="synthetic: train samples (default 1000; test gets a fifth)")
+    p.add_argument(
+        "--num-samples", type=_int_at_least(1), help="synthetic: train samples (default 1000; test gets a fifth)"
+    )
     return p
 
 
@@ -796,7 +862,9 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["verify"]:
-        vp = argparse.ArgumentParser(prog="python -m resnet_dist.shard verify", description="Re-read every shard of a packed folder.")
+        vp = argparse.ArgumentParser(
+            prog="python -m resnet_dist.shard verify", description="Re-read every shard of a packed folder."
+        )
         vp.add_argument("dir", type=Path, help="folder holding index.json and the shards")
         folder = vp.parse_args(argv[1:]).dir
         problems = verify(folder)

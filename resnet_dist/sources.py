@@ -25,14 +25,30 @@ from resnet_dist.errors import DataError, UsageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 # torchvision's MNIST.classes, so reports read the same as people's existing code.
 MNIST_CLASSES = [
-    "0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
-    "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine",
-]  # fmt: skip
+    "0 - zero",
+    "1 - one",
+    "2 - two",
+    "3 - three",
+    "4 - four",
+    "5 - five",
+    "6 - six",
+    "7 - seven",
+    "8 - eight",
+    "9 - nine",
+]
 
 
 @dataclass(frozen=True)
@@ -395,7 +411,9 @@ def read_imagefolder(root: Path) -> Source:
         loose = [f.name for f in d.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)]
         if loose:
             raise UsageError(f"imagefolder: {layout}; {d} holds images directly ({loose[0]})")
-    class_dirs = {d.name: sorted(c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")) for d in split_dirs}
+    class_dirs = {
+        d.name: sorted(c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")) for d in split_dirs
+    }
     classes = sorted({c for names in class_dirs.values() for c in names})
     if not classes:
         raise UsageError(f"imagefolder: {root} has no class folders: {layout}")

@@ -28,14 +28,14 @@ from typing import BinaryIO, Callable, TypeVar
 from .errors import DataError, UsageError
 from .index import DatasetIndex, ShardInfo, parse_index
 
-ENV_RETRIES = "RESNET_DIST_HTTP_RETRIES"    # total tries per request, including the first
-ENV_TIMEOUT = "RESNET_DIST_HTTP_TIMEOUT"    # seconds for the connect and for each blocking read
-ENV_BACKOFF = "RESNET_DIST_HTTP_BACKOFF"    # first delay between tries; doubles each retry
+ENV_RETRIES = "RESNET_DIST_HTTP_RETRIES"  # total tries per request, including the first
+ENV_TIMEOUT = "RESNET_DIST_HTTP_TIMEOUT"  # seconds for the connect and for each blocking read
+ENV_BACKOFF = "RESNET_DIST_HTTP_BACKOFF"  # first delay between tries; doubles each retry
 DEFAULT_RETRIES = 6
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_BACKOFF_S = 0.5
-BACKOFF_CAP_S = 30.0       # no single wait is longer, whatever the doubling or a Retry-After header says
-CHECK_THREADS = 8          # concurrent HEAD requests in check_shards: hundreds of shards in seconds
+BACKOFF_CAP_S = 30.0  # no single wait is longer, whatever the doubling or a Retry-After header says
+CHECK_THREADS = 8  # concurrent HEAD requests in check_shards: hundreds of shards in seconds
 
 # Statuses worth another try: the server or something in front of it is overloaded or restarting.
 # 501 Not Implemented and 505 HTTP Version Not Supported are 5xx but say the request itself will never

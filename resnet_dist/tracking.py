@@ -46,8 +46,16 @@ class Meter:
 
 def wandb_init_kwargs(run_dir: Path, mode: str, run_id: str, name: str) -> dict:
     """W&B settings: the run folder lives inside RUN_DIR; a resumed run keeps its id."""
-    return {"wandb": {"dir": str(run_dir), "mode": mode, "id": run_id, "name": name, "resume": "allow",
-                      "settings": {"console": "off", "x_disable_stats": True}}}
+    return {
+        "wandb": {
+            "dir": str(run_dir),
+            "mode": mode,
+            "id": run_id,
+            "name": name,
+            "resume": "allow",
+            "settings": {"console": "off", "x_disable_stats": True},
+        }
+    }
 
 
 class Reporter:
@@ -67,9 +75,15 @@ class Reporter:
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
         if not (self.enabled and self.interactive):
             return
-        self.progress = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
-                                 console=self.console, transient=True)
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
         self.progress.start()
         self.task = self.progress.add_task("train", total=total, completed=done, stats="")
 

@@ -18,7 +18,17 @@ from .checkpoint import find_checkpoint, load_checkpoint, write_json_atomic
 from .config import TrainConfig, parse_args
 from .data import ShardStream
 from .distributed import convert_sync_batchnorm, end_run
-from .engine import Run, bare, evaluate, make_accelerator, precision_override, report_problems, run_is_done, save, train_one_epoch
+from .engine import (
+    Run,
+    bare,
+    evaluate,
+    make_accelerator,
+    precision_override,
+    report_problems,
+    run_is_done,
+    save,
+    train_one_epoch,
+)
 from .errors import Interrupted, TrainingError, UsageError
 from .guard import Diverged, StepGuard, StopRequest, is_collective_timeout, name_silent_ranks
 from .models import build_model, count_parameters
@@ -29,8 +39,22 @@ from .tracking import Reporter, plot_history, wandb_init_kwargs, write_history
 
 # Settings a resumed run must share with its checkpoint: they fix the model, the data order or the
 # schedule, so changing them would silently make a different run.
-RESUME_MUST_MATCH = ("data", "model", "stem", "width", "dropout", "epochs", "batch_size", "grad_accum",
-                     "optimizer", "schedule", "seed", "num_workers", "shuffle_block", "sync_bn")
+RESUME_MUST_MATCH = (
+    "data",
+    "model",
+    "stem",
+    "width",
+    "dropout",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "optimizer",
+    "schedule",
+    "seed",
+    "num_workers",
+    "shuffle_block",
+    "sync_bn",
+)
 
 
 def pick_splits(cfg: TrainConfig, splits: dict) -> tuple[str | None, list[str]]:
@@ -47,14 +71,23 @@ def check_fits(cfg: TrainConfig, index, world_size: int) -> None:
         raise UsageError(f"--crop-padding {cfg.crop_padding} makes no sense for {h}x{w} images")
     steps = index.splits["train"].num_samples // (cfg.batch_size * world_size * cfg.grad_accum)
     if steps == 0:
-        raise UsageError(f"global batch {cfg.batch_size}x{world_size}x{cfg.grad_accum} is larger than the "
-                         f"{index.splits['train'].num_samples} train samples: lower --batch-size or --grad-accum")
+        raise UsageError(
+            f"global batch {cfg.batch_size}x{world_size}x{cfg.grad_accum} is larger than the "
+            f"{index.splits['train'].num_samples} train samples: lower --batch-size or --grad-accum"
+        )
 
 
 def build(cfg: TrainConfig, index, accelerator) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
-    model = build_model(cfg.model, num_classes=index.num_classes, in_channels=index.channels, stem=cfg.stem,
-                        width=cfg.width or None, dropout=cfg.dropout, zero_init_residual=cfg.zero_init_residual)
+    model = build_model(
+        cfg.model,
+        num_classes=index.num_classes,
+        in_channels=index.channels,
+        stem=cfg.stem,
+        width=cfg.width or None,
+        dropout=cfg.dropout,
+        zero_init_residual=cfg.zero_init_residual,
+    )
     if cfg.sync_bn and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model.to(accelerator.device))  # before prepare(), as DDP requires
     if cfg.channels_last:
@@ -67,8 +100,9 @@ def scale_for_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
     """--scale-lr linear: the lr follows the global batch actually used (logged in announce)."""
     if cfg.scale_lr != "linear":
         return cfg
-    return dataclasses.replace(cfg, lr=scaled_lr(cfg.lr, cfg.tuned_global_batch,
-                                                 cfg.batch_size * world_size * cfg.grad_accum))
+    return dataclasses.replace(
+        cfg, lr=scaled_lr(cfg.lr, cfg.tuned_global_batch, cfg.batch_size * world_size * cfg.grad_accum)
+    )
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -84,17 +118,38 @@ def setup(cfg: TrainConfig) -> Run:
     model, optimizer = build(cfg, index, accelerator)
     common = dict(batch_size=cfg.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes)
     common = common | {"strict": cfg.strict_data}
-    train = ShardStream(cfg.data, index, "train", train=True, seed=cfg.seed, grad_accum=cfg.grad_accum,
-                        shuffle_block=cfg.shuffle_block, **common)
+    train = ShardStream(
+        cfg.data,
+        index,
+        "train",
+        train=True,
+        seed=cfg.seed,
+        grad_accum=cfg.grad_accum,
+        shuffle_block=cfg.shuffle_block,
+        **common,
+    )
     evals = {s: ShardStream(cfg.data, index, s, train=False, **common) for s in eval_splits}
     steps_per_epoch = train.num_batches // cfg.grad_accum
     scheduler = build_scheduler(cfg, optimizer, cfg.epochs * steps_per_epoch, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
-    augment = BatchAugment(index.mean, index.std, accelerator.device, cfg.crop_padding, cfg.flip, cfg.channels_last,
-                           cfg.random_erase)
-    run = Run(cfg, accelerator, index, model, optimizer, scheduler, augment, train, evals,
-              Reporter(accelerator.is_main_process), run_dir, val_split,
-              guard=StepGuard(accelerator, StopRequest(), cfg.max_bad_steps))
+    augment = BatchAugment(
+        index.mean, index.std, accelerator.device, cfg.crop_padding, cfg.flip, cfg.channels_last, cfg.random_erase
+    )
+    run = Run(
+        cfg,
+        accelerator,
+        index,
+        model,
+        optimizer,
+        scheduler,
+        augment,
+        train,
+        evals,
+        Reporter(accelerator.is_main_process),
+        run_dir,
+        val_split,
+        guard=StepGuard(accelerator, StopRequest(), cfg.max_bad_steps),
+    )
     if last is not None:
         restore(run, last)
     else:
@@ -121,8 +176,10 @@ def restore(run: Run, folder: Path) -> None:
     if meta.get("world_size") != run.accelerator.num_processes:
         changed.append(f"world size ({meta.get('world_size')} -> {run.accelerator.num_processes})")
     if changed:
-        raise UsageError(f"{run.run_dir} holds a run with other settings ({', '.join(changed)}): "
-                         f"choose another --out for a new run, or repeat its settings to resume it")
+        raise UsageError(
+            f"{run.run_dir} holds a run with other settings ({', '.join(changed)}): "
+            f"choose another --out for a new run, or repeat its settings to resume it"
+        )
     bare(run.accelerator, run.model).load_state_dict(weights)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -130,13 +187,21 @@ def restore(run: Run, folder: Path) -> None:
         run.accelerator.scaler.load_state_dict(state["scaler"])
     run.epoch, run.batch, run.global_step = state["epoch"], state["batch"], state["global_step"]
     run.best_val, run.history, run.wandb_id = state["best_val"], list(state["history"]), meta["wandb_id"]
-    run.reporter.line(f"resumed from {folder}: epoch {run.epoch + 1}, micro-batch {run.batch}, "
-                      f"optimizer step {run.global_step}")
+    run.reporter.line(
+        f"resumed from {folder}: epoch {run.epoch + 1}, micro-batch {run.batch}, optimizer step {run.global_step}"
+    )
 
 
 def evaluate_split(run: Run, split: str) -> dict:
-    return evaluate(run.accelerator, run.model, run.evals[split], run.augment, run.cfg.num_workers,
-                    run.index.num_classes, tta_flip=run.cfg.eval_tta == "flip")
+    return evaluate(
+        run.accelerator,
+        run.model,
+        run.evals[split],
+        run.augment,
+        run.cfg.num_workers,
+        run.index.num_classes,
+        tta_flip=run.cfg.eval_tta == "flip",
+    )
 
 
 def eval_due(run: Run, epoch: int) -> bool:
@@ -146,22 +211,39 @@ def eval_due(run: Run, epoch: int) -> bool:
 
 def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
     """Validate and record the epoch; say whether val top-1 improved."""
-    row = {"epoch": run.epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], **train_metrics,
-           "steps": run.global_step, "complete": run.batch >= run.train.num_batches}
+    row = {
+        "epoch": run.epoch + 1,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        **train_metrics,
+        "steps": run.global_step,
+        "complete": run.batch >= run.train.num_batches,
+    }
     if run.val_split and eval_due(run, row["epoch"]):
         val = evaluate_split(run, run.val_split)
-        row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_count=val["count"],
-                   val_lost=val["lost"])
+        row.update(
+            val_loss=val["loss"],
+            val_top1=val["top1"],
+            val_top5=val["top5"],
+            val_count=val["count"],
+            val_lost=val["lost"],
+        )
         run.problems += val["problems"]
     report_problems(run)
     row["time"] = time.time()  # when the epoch's numbers were known: accuracy-vs-wall-time curves
     if run.history and run.history[-1]["epoch"] == row["epoch"]:
         run.history.pop()  # a resumed epoch replaces the row of its interrupted part
     run.history.append(row)
-    run.accelerator.log({f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")} |
-                        {"train/epoch_loss": row["train_loss"], "train/top1": row["train_top1"],
-                         "perf/epoch_img_per_s": row["img_per_s"], "perf/epoch_data_wait": row["data_wait"],
-                         "epoch": row["epoch"]}, step=run.global_step)
+    run.accelerator.log(
+        {f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")}
+        | {
+            "train/epoch_loss": row["train_loss"],
+            "train/top1": row["train_top1"],
+            "perf/epoch_img_per_s": row["img_per_s"],
+            "perf/epoch_data_wait": row["data_wait"],
+            "epoch": row["epoch"],
+        },
+        step=run.global_step,
+    )
     improved = "val_top1" in row and row["val_top1"] > run.best_val
     if improved:
         run.best_val = row["val_top1"]
@@ -170,10 +252,15 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
 
 
 def epoch_line(row: dict, split: str | None) -> str:
-    val = f"  {split} loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}" \
-        if "val_top1" in row else ""
-    return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}{val}  "
-            f"{row['img_per_s']:.0f} img/s  data wait {row['data_wait']:.0%}  {row['epoch_seconds']:.1f} s")
+    val = (
+        f"  {split} loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}"
+        if "val_top1" in row
+        else ""
+    )
+    return (
+        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}{val}  "
+        f"{row['img_per_s']:.0f} img/s  data wait {row['data_wait']:.0%}  {row['epoch_seconds']:.1f} s"
+    )
 
 
 def fit(cfg: TrainConfig) -> dict:
@@ -182,9 +269,11 @@ def fit(cfg: TrainConfig) -> dict:
     acc, started, cfg = run.accelerator, time.time(), run.cfg  # run.cfg: with the lr as scaled
     if acc.is_main_process:
         write_json_atomic(run.run_dir / "config.json", cfg.to_dict())
-    acc.init_trackers(cfg.wandb_project, config=cfg.to_dict() | {"world_size": acc.num_processes,
-                                                                 "global_batch": run.global_batch},
-                      init_kwargs=wandb_init_kwargs(run.run_dir, cfg.wandb_mode, run.wandb_id, run.run_dir.name))
+    acc.init_trackers(
+        cfg.wandb_project,
+        config=cfg.to_dict() | {"world_size": acc.num_processes, "global_batch": run.global_batch},
+        init_kwargs=wandb_init_kwargs(run.run_dir, cfg.wandb_mode, run.wandb_id, run.run_dir.name),
+    )
     announce(run)
     run.guard.stop.install()
     try:
@@ -194,8 +283,10 @@ def fit(cfg: TrainConfig) -> dict:
         raise
     except RuntimeError as exc:
         if is_collective_timeout(exc):
-            raise TrainingError(f"a collective operation waited {cfg.collective_timeout:g} s for a silent rank: "
-                                f"{name_silent_ranks(acc.process_index, acc.num_processes)}") from exc
+            raise TrainingError(
+                f"a collective operation waited {cfg.collective_timeout:g} s for a silent rank: "
+                f"{name_silent_ranks(acc.process_index, acc.num_processes)}"
+            ) from exc
         raise
     finally:
         run.guard.stop.restore()
@@ -228,9 +319,12 @@ def stop(run: Run) -> None:
     save(run, "last")
     signum = run.guard.stop.signum or signal.SIGTERM  # another rank may have received it
     end_run(run.accelerator)
-    raise Interrupted(f"stopped by {signal.Signals(signum).name} at epoch {run.epoch + 1}, optimizer step "
-                      f"{run.global_step}: saved {run.run_dir / 'checkpoints' / 'last'}; run the same command "
-                      f"again to resume", signum)
+    raise Interrupted(
+        f"stopped by {signal.Signals(signum).name} at epoch {run.epoch + 1}, optimizer step "
+        f"{run.global_step}: saved {run.run_dir / 'checkpoints' / 'last'}; run the same command "
+        f"again to resume",
+        signum,
+    )
 
 
 def announce(run: Run) -> None:
@@ -240,30 +334,44 @@ def announce(run: Run) -> None:
         f"{cfg.model} ({params:,} parameters) on {run.index.source}: {acc.num_processes} process(es) on "
         f"{acc.device.type}, mixed precision {acc.mixed_precision}, global batch {run.global_batch} "
         f"({cfg.batch_size} x {acc.num_processes} processes x {cfg.grad_accum} accumulation), "
-        f"{run.train.num_batches} micro-batches per rank per epoch")
+        f"{run.train.num_batches} micro-batches per rank per epoch"
+    )
     if cfg.recipe:
         run.reporter.line(f"recipe {cfg.recipe}: {RECIPES[cfg.recipe].summary}")
     if cfg.scale_lr == "linear":
-        run.reporter.line(f"lr scaled linearly to {cfg.lr:g}: tuned for a global batch of {cfg.tuned_global_batch}, "
-                          f"running with {run.global_batch}")
+        run.reporter.line(
+            f"lr scaled linearly to {cfg.lr:g}: tuned for a global batch of {cfg.tuned_global_batch}, "
+            f"running with {run.global_batch}"
+        )
     if precision_override(cfg, acc.device.type == "cpu"):
         run.reporter.line("note: bf16 autocast because this CPU computes bf16 natively (--cpu-bf16 off keeps fp32)")
     if run.val_split == "test":
-        run.reporter.line("note: the shards have no val split, so test picks the best checkpoint; "
-                          "pack with --val-fraction to keep test unseen")
+        run.reporter.line(
+            "note: the shards have no val split, so test picks the best checkpoint; "
+            "pack with --val-fraction to keep test unseen"
+        )
 
 
 def finish(run: Run, wall: float) -> dict:
     acc = run.accelerator
     last = run.history[-1] if run.history else {}
-    summary = {"world_size": acc.num_processes, "global_batch": run.global_batch,
-               "mixed_precision": acc.mixed_precision, "epochs_done": run.epoch, "steps_done": run.global_step,
-               "best_val_top1": run.best_val if run.best_val >= 0 else None,
-               "final_val_top1": last.get("val_top1"), "val_split": run.val_split,
-               "train_img_per_s": last.get("img_per_s"), "wall_seconds": round(wall, 1),
-               "eval_counts": {}, "skipped_steps": run.guard.bad_steps,
-               "lost_train_samples": int(acc.reduce(torch.tensor(run.lost_train, device=acc.device), "sum").item()),
-               "lost_eval_samples": {}, "data_problems": sorted(run.reported)}
+    summary = {
+        "world_size": acc.num_processes,
+        "global_batch": run.global_batch,
+        "mixed_precision": acc.mixed_precision,
+        "epochs_done": run.epoch,
+        "steps_done": run.global_step,
+        "best_val_top1": run.best_val if run.best_val >= 0 else None,
+        "final_val_top1": last.get("val_top1"),
+        "val_split": run.val_split,
+        "train_img_per_s": last.get("img_per_s"),
+        "wall_seconds": round(wall, 1),
+        "eval_counts": {},
+        "skipped_steps": run.guard.bad_steps,
+        "lost_train_samples": int(acc.reduce(torch.tensor(run.lost_train, device=acc.device), "sum").item()),
+        "lost_eval_samples": {},
+        "data_problems": sorted(run.reported),
+    }
     if "val_count" in last:
         summary["eval_counts"][run.val_split] = last["val_count"]
         summary["lost_eval_samples"][run.val_split] = last.get("val_lost", 0)
@@ -283,14 +391,18 @@ def finish(run: Run, wall: float) -> dict:
             if run.cfg.wandb_mode == "offline":
                 run.reporter.line(f"W&B offline run: upload it with `wandb sync {Path(wandb_run.dir).parent}`")
         write_json_atomic(run.run_dir / "summary.json", summary)
-        run.reporter.table("resnet-dist run summary", {k: v for k, v in summary.items()
-                                                       if v is not None and k not in ("diagnosis", "data_problems")})
+        run.reporter.table(
+            "resnet-dist run summary",
+            {k: v for k, v in summary.items() if v is not None and k not in ("diagnosis", "data_problems")},
+        )
         if summary["diagnosis"]:
             run.reporter.line(summary["diagnosis"])
         if "test_top1" in summary:
             tta = " with flip TTA" if run.cfg.eval_tta == "flip" else ""
-            run.reporter.line(f"test top-1 {summary['test_top1']:.2%}{tta} on {summary['eval_counts']['test']:,} images; "
-                              f"run folder {run.run_dir}")
+            run.reporter.line(
+                f"test top-1 {summary['test_top1']:.2%}{tta} on {summary['eval_counts']['test']:,} images; "
+                f"run folder {run.run_dir}"
+            )
     return summary
 
 
@@ -298,8 +410,14 @@ def final_test_from_history(run: Run, last: dict) -> dict | None:
     """Without a val split, the last epoch was already evaluated on test with the final weights."""
     if run.val_split != "test" or "val_top1" not in last:
         return None
-    return {"top1": last["val_top1"], "top5": last["val_top5"], "loss": last["val_loss"],
-            "count": last["val_count"], "lost": last["val_lost"], "problems": []}
+    return {
+        "top1": last["val_top1"],
+        "top5": last["val_top5"],
+        "loss": last["val_loss"],
+        "count": last["val_count"],
+        "lost": last["val_lost"],
+        "problems": [],
+    }
 
 
 def main(argv=None) -> int:
@@ -320,8 +438,12 @@ def diagnose(history: list[dict], num_workers: int, threshold: float = 0.10) -> 
     wait = sum(h["data_wait"] * h["epoch_seconds"] for h in history) / seconds
     rate = sum(h["img_per_s"] * h["epoch_seconds"] for h in history) / seconds
     if wait >= threshold:
-        return wait, (f"diagnosis: input-bound: the model waited for data {wait:.0%} of the time at {rate:,.0f} img/s; "
-                      f"more --num-workers (now {num_workers} per process), PNG rather than JPEG shards or "
-                      f"fewer processes per core would speed it up")
-    return wait, (f"diagnosis: compute-bound: the model waited for data {wait:.0%} of the time at {rate:,.0f} img/s; "
-                  f"the loader keeps up, so only a faster step (bf16, a GPU, more processes) speeds this run up")
+        return wait, (
+            f"diagnosis: input-bound: the model waited for data {wait:.0%} of the time at {rate:,.0f} img/s; "
+            f"more --num-workers (now {num_workers} per process), PNG rather than JPEG shards or "
+            f"fewer processes per core would speed it up"
+        )
+    return wait, (
+        f"diagnosis: compute-bound: the model waited for data {wait:.0%} of the time at {rate:,.0f} img/s; "
+        f"the loader keeps up, so only a faster step (bf16, a GPU, more processes) speeds this run up"
+    )

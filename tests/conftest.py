@@ -30,21 +30,59 @@ def run_env(**extra) -> dict:
 
 def shard(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m resnet_dist.shard ARGS`, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "resnet_dist.shard", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=run_env())
+    return subprocess.run(
+        [sys.executable, "-m", "resnet_dist.shard", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=run_env(),
+    )
 
 
-def launch(script: Path, *args: str, processes: int = 2, mixed_precision: str = "no", timeout: int = 600,
-           env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(
+    script: Path,
+    *args: str,
+    processes: int = 2,
+    mixed_precision: str = "no",
+    timeout: int = 600,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """A real `accelerate launch` of `script` with `processes` CPU processes joined by gloo."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP),
-           "--num_processes", str(processes), "--main_process_port", str(free_port()),
-           "--mixed_precision", mixed_precision, str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_DDP),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        mixed_precision,
+        str(script),
+        *args,
+    ]
     if processes == 1:  # a single process: no torchrun, no process group
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=run_env(OMP_NUM_THREADS="1", **(env or {})))
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            mixed_precision,
+            "--dynamo_backend",
+            "no",
+            str(script),
+            *args,
+        ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=run_env(OMP_NUM_THREADS="1", **(env or {}))
+    )
 
 
 def train(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -59,8 +97,24 @@ def read_json(path: Path):
 def synthetic_shards(tmp_path_factory) -> Path:
     """A small 10-class, 16x16 RGB dataset with a learnable signal, in several uneven shards."""
     out = tmp_path_factory.mktemp("data") / "synthetic"
-    result = shard("synthetic", "--out", str(out), "--num-classes", "4", "--image-size", "16",
-                   "--num-samples", "600", "--channels", "3", "--shard-size", "70", "--val-fraction", "0.1",
-                   "--seed", "1")
+    result = shard(
+        "synthetic",
+        "--out",
+        str(out),
+        "--num-classes",
+        "4",
+        "--image-size",
+        "16",
+        "--num-samples",
+        "600",
+        "--channels",
+        "3",
+        "--shard-size",
+        "70",
+        "--val-fraction",
+        "0.1",
+        "--seed",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     return out

@@ -170,15 +170,21 @@ def encode(im: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def make_tiny_imagenet(root: Path, wnids=("n01443537", "n01629819", "n01641577"), per_class: int = 4, val: int = 6, seed: int = 0) -> Truth:
+def make_tiny_imagenet(
+    root: Path, wnids=("n01443537", "n01629819", "n01641577"), per_class: int = 4, val: int = 6, seed: int = 0
+) -> Truth:
     """tiny-imagenet-200/ as distributed: a few of its JPEGs are grayscale, as in the real set."""
     rng = np.random.default_rng(seed)
     folder = root / "tiny-imagenet-200"
     folder.mkdir(parents=True)
     # The real wnids.txt is not sorted; labels follow sorted order (torchvision ImageFolder's).
     (folder / "wnids.txt").write_text("\n".join(reversed(wnids)) + "\n")
-    words = {"n01443537": "goldfish, Carassius auratus", "n01629819": "European fire salamander, Salamandra salamandra",
-             "n01641577": "bullfrog, Rana catesbeiana", "n00001740": "entity"}  # fmt: skip
+    words = {
+        "n01443537": "goldfish, Carassius auratus",
+        "n01629819": "European fire salamander, Salamandra salamandra",
+        "n01641577": "bullfrog, Rana catesbeiana",
+        "n00001740": "entity",
+    }
     (folder / "words.txt").write_text("".join(f"{k}\t{v}\n" for k, v in words.items()))
     classes = [words[w].split(",")[0] for w in sorted(wnids)]
     truth = Truth(classes, {"train": [], "val": []}, {"train": [], "val": []}, paths={"train": [], "val": []})

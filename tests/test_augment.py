@@ -64,7 +64,7 @@ def erased_boxes(x: torch.Tensor, out: torch.Tensor) -> list[tuple[int, int] | N
         rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
         top, left, h, w = int(rows[0]), int(cols[0]), len(rows), len(cols)
         assert int(rows[-1]) - top + 1 == h and int(cols[-1]) - left + 1 == w  # one solid rectangle
-        assert changed[top:top + h, left:left + w].all()
+        assert changed[top : top + h, left : left + w].all()
         boxes.append((h, w))
     return boxes
 

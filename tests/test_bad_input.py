@@ -55,8 +55,12 @@ SHARD_CASES = [
 
 
 def invoke(main, argv, tmp_path, capsys) -> tuple[int, list[str]]:
-    argv = [a.replace("ROOT", str(tmp_path)).replace("DATA", str(tmp_path / "no-shards"))
-            .replace("OUT", str(tmp_path / "run")) for a in argv]
+    argv = [
+        a.replace("ROOT", str(tmp_path))
+        .replace("DATA", str(tmp_path / "no-shards"))
+        .replace("OUT", str(tmp_path / "run"))
+        for a in argv
+    ]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, argv)
     err = capsys.readouterr().err
@@ -76,8 +80,15 @@ def test_train_bad_invocation(argv, message, tmp_path, capsys):
 
 def test_train_wrong_data_folder(tmp_path, capsys):
     code, lines = invoke(train_main, T, tmp_path, capsys)
-    assert code == 2 and lines == [f"error: {tmp_path / 'no-shards'}: no such folder (expected a shard folder made "
-                                   "by `python -m resnet_dist.shard`)"] or "no-shards" in lines[0]
+    assert (
+        code == 2
+        and lines
+        == [
+            f"error: {tmp_path / 'no-shards'}: no such folder (expected a shard folder made "
+            "by `python -m resnet_dist.shard`)"
+        ]
+        or "no-shards" in lines[0]
+    )
 
 
 @pytest.mark.parametrize("argv,message", SHARD_CASES)

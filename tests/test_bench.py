@@ -18,8 +18,14 @@ TINY_MODEL = ["--width", "8", "--step-batch", "16"]
 
 
 def bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "resnet_dist.bench", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=run_env())
+    return subprocess.run(
+        [sys.executable, "-m", "resnet_dist.bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=run_env(),
+    )
 
 
 def report(tmp_path, *args: str) -> dict:
@@ -45,8 +51,19 @@ def check_report(data: dict, suite: str) -> list[dict]:
 
 
 def test_loader_suite_covers_every_pipeline_kind_and_worker_count(tmp_path):
-    data = report(tmp_path, "loader", "--kinds", "gray28,jpeg64", "--samples", "200", "--batch-size", "16",
-                  "--workers", "0,1", *TINY)
+    data = report(
+        tmp_path,
+        "loader",
+        "--kinds",
+        "gray28,jpeg64",
+        "--samples",
+        "200",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0,1",
+        *TINY,
+    )
     rows = check_report(data, "loader")
     cases = {(r["case"], r["baseline_name"].split(":")[0].split(" ")[0]) for r in rows}
     for kind in ("gray28", "jpeg64"):
@@ -68,8 +85,9 @@ def test_step_suite_compares_with_the_notebook_loop(tmp_path):
 
 
 def test_e2e_suite_reports_the_data_wait(tmp_path, synthetic_shards):
-    rows = check_report(report(tmp_path, "e2e", "--data", str(synthetic_shards), *TINY_MODEL, "--e2e-workers", "1",
-                               *TINY), "e2e")
+    rows = check_report(
+        report(tmp_path, "e2e", "--data", str(synthetic_shards), *TINY_MODEL, "--e2e-workers", "1", *TINY), "e2e"
+    )
     assert len(rows) == 1 and 0 <= rows[0]["extra"]["data_wait"] <= 1
 
 
@@ -79,13 +97,16 @@ def test_scaling_suite_launches_two_processes(tmp_path):
     assert extra["world_size"] == 2 and extra["allreduce_ms"] > 0 and extra["gradient_mb"] > 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["nope"], "invalid choice"),
-    (["loader", "--workers", "one"], "--workers"),
-    (["loader", "--kinds", "gray99"], "unknown kind"),
-    (["loader", "--repeats", "0"], "--repeats"),
-    (["step", "--model", "vgg"], "--model"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nope"], "invalid choice"),
+        (["loader", "--workers", "one"], "--workers"),
+        (["loader", "--kinds", "gray99"], "unknown kind"),
+        (["loader", "--repeats", "0"], "--repeats"),
+        (["step", "--model", "vgg"], "--model"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = bench(*args)
     assert result.returncode == 2

@@ -11,8 +11,9 @@ from resnet_dist.errors import UsageError
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(TRAIN), *args], capture_output=True, text=True, cwd=ROOT,
-                          env=run_env(), timeout=120)
+    return subprocess.run(
+        [sys.executable, str(TRAIN), *args], capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=120
+    )
 
 
 BAD = [
@@ -41,10 +42,18 @@ def test_bad_values_raise_usage_error(args, message):
 
 
 # Through the real entry point, the way a user meets them (each is a fresh Python process).
-@pytest.mark.parametrize("args,message", [
-    BAD[2], BAD[8], BAD[9],
-    (["--data", "/nonexistent/shards", "--out", "y", "--wandb-mode", "disabled"], "/nonexistent/shards: no such folder"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        BAD[2],
+        BAD[8],
+        BAD[9],
+        (
+            ["--data", "/nonexistent/shards", "--out", "y", "--wandb-mode", "disabled"],
+            "/nonexistent/shards: no such folder",
+        ),
+    ],
+)
 def test_bad_flags_get_one_line_and_exit_2(args, message):
     result = run(*args)
     assert result.returncode == 2
@@ -54,8 +63,16 @@ def test_bad_flags_get_one_line_and_exit_2(args, message):
 
 
 def test_crop_larger_than_image_is_refused(synthetic_shards, tmp_path):
-    result = run("--data", str(synthetic_shards), "--out", str(tmp_path / "r"), "--crop-padding", "16",
-                 "--wandb-mode", "disabled")
+    result = run(
+        "--data",
+        str(synthetic_shards),
+        "--out",
+        str(tmp_path / "r"),
+        "--crop-padding",
+        "16",
+        "--wandb-mode",
+        "disabled",
+    )
     assert result.returncode == 2 and "--crop-padding 16 makes no sense for 16x16 images" in result.stderr
 
 

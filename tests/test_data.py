@@ -17,8 +17,9 @@ def fingerprints(batches):
 
 
 def rank_batches(base, index, split, rank, world, workers, *, epoch=0, start=0, batch=16, train=True, **kw):
-    stream = ShardStream(str(base), index, split, batch_size=batch, rank=rank, world_size=world, train=train,
-                         seed=5, **kw)
+    stream = ShardStream(
+        str(base), index, split, batch_size=batch, rank=rank, world_size=world, train=train, seed=5, **kw
+    )
     stream.set_epoch(epoch, start)
     return list(make_loader(stream, workers, pin_memory=False)), stream
 
@@ -41,8 +42,21 @@ def test_shard_order_is_seeded_per_epoch_and_shared():
 def one_shard(tmp_path_factory):
     """A train split in ONE shard: fewer shards than processes x workers."""
     out = tmp_path_factory.mktemp("one") / "ds"
-    result = shard("synthetic", "--out", str(out), "--num-classes", "3", "--image-size", "8",
-                   "--num-samples", "203", "--shard-size", "1000", "--seed", "2")
+    result = shard(
+        "synthetic",
+        "--out",
+        str(out),
+        "--num-classes",
+        "3",
+        "--image-size",
+        "8",
+        "--num-samples",
+        "203",
+        "--shard-size",
+        "1000",
+        "--seed",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -61,8 +75,9 @@ def test_equal_batches_per_rank_no_sample_twice(one_shard, world, workers):
 
 def test_grad_accum_makes_whole_optimizer_steps(synthetic_shards):
     index = read_index(str(synthetic_shards))
-    stream = ShardStream(str(synthetic_shards), index, "train", batch_size=16, rank=0, world_size=2, train=True,
-                         grad_accum=4)
+    stream = ShardStream(
+        str(synthetic_shards), index, "train", batch_size=16, rank=0, world_size=2, train=True, grad_accum=4
+    )
     assert stream.num_batches == 540 // (16 * 2 * 4) * 4
 
 
@@ -72,8 +87,9 @@ def test_eval_counts_every_sample_exactly_once(synthetic_shards, world, workers)
     for split in ("val", "test"):
         seen = []
         for r in range(world):
-            seen += fingerprints(rank_batches(synthetic_shards, index, split, r, world, workers, train=False,
-                                              batch=7)[0])
+            seen += fingerprints(
+                rank_batches(synthetic_shards, index, split, r, world, workers, train=False, batch=7)[0]
+            )
         assert len(seen) == len(set(seen)) == index.splits[split].num_samples
 
 
@@ -96,8 +112,7 @@ def test_epochs_reshuffle(synthetic_shards):
 def test_mid_epoch_resume_yields_exactly_the_remaining_batches(synthetic_shards, workers, start):
     index = read_index(str(synthetic_shards))
     full, _ = rank_batches(synthetic_shards, index, "train", 1, 2, workers, epoch=3, shuffle_block=40)
-    rest, stream = rank_batches(synthetic_shards, index, "train", 1, 2, workers, epoch=3, start=start,
-                                shuffle_block=40)
+    rest, stream = rank_batches(synthetic_shards, index, "train", 1, 2, workers, epoch=3, start=start, shuffle_block=40)
     assert len(rest) == len(stream) == len(full) - start
     assert fingerprints(rest) == fingerprints(full[start:])
     assert all(a[1].tolist() == b[1].tolist() for a, b in zip(rest, full[start:]))

@@ -30,10 +30,24 @@ def free_port() -> int:
 
 def launch(script: str, *args: str) -> subprocess.CompletedProcess:
     """`accelerate launch` 2 processes with cpu_ddp.yaml, as the README tells users to."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP),
-           "--main_process_port", str(free_port()), "--num_processes", "2", str(SCRIPTS / script), *args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1"}  # 2 processes on 2 cores: no oversubscription
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_DDP),
+        "--main_process_port",
+        str(free_port()),
+        "--num_processes",
+        "2",
+        str(SCRIPTS / script),
+        *args,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+    }  # 2 processes on 2 cores: no oversubscription
     env.pop("WORLD_SIZE", None)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
@@ -88,17 +102,24 @@ def test_processes_that_did_not_join_one_group_stop_with_a_clear_error(tmp_path:
     seen = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert seen and all(s["WORLD_SIZE"] == "2" and s["num_processes"] == 1 for s in seen), seen
     assert proc.returncode != 0
-    assert ("error: launched 2 processes (WORLD_SIZE=2) but this one sees 1: they did not join one process group; "
-            "on a CPU-only machine launch with accelerate_configs/cpu_ddp.yaml") in proc.stderr
+    assert (
+        "error: launched 2 processes (WORLD_SIZE=2) but this one sees 1: they did not join one process group; "
+        "on a CPU-only machine launch with accelerate_configs/cpu_ddp.yaml"
+    ) in proc.stderr
 
 
 # In-process: no process group, so CPUSyncBatchNorm must be exactly BatchNorm.
 
+
 def _bn_net() -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                        nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 6)),
-                        nn.BatchNorm1d(6, momentum=None))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 6)),
+        nn.BatchNorm1d(6, momentum=None),
+    )
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -17,19 +17,47 @@ from resnet_dist.evaluate import load_model, main, read_meta
 from resnet_dist.storage import read_index
 
 pytestmark = pytest.mark.slow
-TINY = ["--width", "8", "--batch-size", "32", "--lr", "0.05", "--epochs", "2", "--num-workers", "0",
-        "--wandb-mode", "disabled", "--log-every", "5"]
+TINY = [
+    "--width",
+    "8",
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.05",
+    "--epochs",
+    "2",
+    "--num-workers",
+    "0",
+    "--wandb-mode",
+    "disabled",
+    "--log-every",
+    "5",
+]
 
 
 def run(*args, launch=False, timeout=300):
     """The evaluate command as a user types it; with launch=True under a 2-process `accelerate launch`."""
     cmd = [sys.executable, "-m", "resnet_dist.evaluate", *args]
     if launch:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP), "--num_processes",
-               "2", "--main_process_port", str(free_port()), "--mixed_precision", "no", "-m", "resnet_dist.evaluate",
-               *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=run_env(OMP_NUM_THREADS="1"))
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CPU_DDP),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+            "--mixed_precision",
+            "no",
+            "-m",
+            "resnet_dist.evaluate",
+            *args,
+        ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=run_env(OMP_NUM_THREADS="1")
+    )
 
 
 def ok(result):
@@ -40,8 +68,16 @@ def ok(result):
 @pytest.fixture(scope="module")
 def trained(synthetic_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("evalrun") / "run"
-    ok(subprocess.run([sys.executable, str(TRAIN), "--data", str(synthetic_shards), "--out", str(out), *TINY],
-                      capture_output=True, text=True, timeout=300, cwd=ROOT, env=run_env(OMP_NUM_THREADS="1")))
+    ok(
+        subprocess.run(
+            [sys.executable, str(TRAIN), "--data", str(synthetic_shards), "--out", str(out), *TINY],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+            env=run_env(OMP_NUM_THREADS="1"),
+        )
+    )
     return out
 
 
@@ -95,8 +131,21 @@ def test_per_class_metrics_match_numpy(single, trained, synthetic_shards):
 
 def test_two_processes_give_the_same_numbers(single, trained, synthetic_shards, tmp_path):
     _, ev1 = single
-    result = ok(run("--checkpoint", str(trained / "checkpoints" / "best"), "--data", str(synthetic_shards),
-                    "--out", str(tmp_path / "ddp"), "--num-workers", "1", "--batch-size", "7", launch=True))
+    result = ok(
+        run(
+            "--checkpoint",
+            str(trained / "checkpoints" / "best"),
+            "--data",
+            str(synthetic_shards),
+            "--out",
+            str(tmp_path / "ddp"),
+            "--num-workers",
+            "1",
+            "--batch-size",
+            "7",
+            launch=True,
+        )
+    )
     ev2 = read_json(tmp_path / "ddp" / "eval.json")
     assert ev2["world_size"] == 2
     assert ev2["count"] == ev1["count"] and ev2["confusion"] == ev1["confusion"]
@@ -107,8 +156,23 @@ def test_two_processes_give_the_same_numbers(single, trained, synthetic_shards, 
 
 
 def test_flip_tta(trained, synthetic_shards):
-    assert main(["--checkpoint", str(trained), "--data", str(synthetic_shards), "--split", "val", "--tta", "flip",
-                 "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(trained),
+                "--data",
+                str(synthetic_shards),
+                "--split",
+                "val",
+                "--tta",
+                "flip",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     ev = read_json(trained / "eval-val-tta" / "eval.json")
     assert ev["tta"] == "flip" and ev["split"] == "val"
     assert ev["count"] == read_json(synthetic_shards / "index.json")["splits"]["val"]["num_samples"]
@@ -127,9 +191,24 @@ def test_only_weights_are_loaded(trained, synthetic_shards, tmp_path):
     shutil.copytree(trained / "checkpoints" / "best", ckpt)
     (ckpt / "state.pt").write_bytes(pickle.dumps(Boom()))
     boom = tmp_path / "boom"
-    result = subprocess.run([sys.executable, "-m", "resnet_dist.evaluate", "--checkpoint", str(ckpt), "--data",
-                             str(synthetic_shards), "--num-workers", "0"], capture_output=True, text=True, cwd=ROOT,
-                            env=run_env(OMP_NUM_THREADS="1", BOOM_FILE=str(boom)), timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resnet_dist.evaluate",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(synthetic_shards),
+            "--num-workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=run_env(OMP_NUM_THREADS="1", BOOM_FILE=str(boom)),
+        timeout=300,
+    )
     ok(result)
     assert not boom.exists()
     assert read_json(ckpt / "eval-test" / "eval.json")["count"] > 0  # not a run folder: output beside the weights
@@ -138,16 +217,46 @@ def test_only_weights_are_loaded(trained, synthetic_shards, tmp_path):
 @pytest.fixture(scope="module")
 def three_class_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("data3") / "three"
-    ok(shard("synthetic", "--out", str(out), "--num-classes", "3", "--image-size", "16", "--num-samples", "60",
-             "--channels", "3", "--seed", "2"))
+    ok(
+        shard(
+            "synthetic",
+            "--out",
+            str(out),
+            "--num-classes",
+            "3",
+            "--image-size",
+            "16",
+            "--num-samples",
+            "60",
+            "--channels",
+            "3",
+            "--seed",
+            "2",
+        )
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def gray_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("data1") / "gray"
-    ok(shard("synthetic", "--out", str(out), "--num-classes", "4", "--image-size", "16", "--num-samples", "60",
-             "--channels", "1", "--seed", "2"))
+    ok(
+        shard(
+            "synthetic",
+            "--out",
+            str(out),
+            "--num-classes",
+            "4",
+            "--image-size",
+            "16",
+            "--num-samples",
+            "60",
+            "--channels",
+            "1",
+            "--seed",
+            "2",
+        )
+    )
     return out
 
 

@@ -37,18 +37,56 @@ def errors(result) -> list[str]:
 def data(tmp_path_factory) -> Path:
     """Enough steps per epoch (2000 samples) that a signal lands mid-run."""
     out = tmp_path_factory.mktemp("faults") / "ds"
-    ok(shard("synthetic", "--out", str(out), "--num-classes", "4", "--image-size", "12", "--num-samples", "2000",
-             "--shard-size", "300", "--val-fraction", "0.1", "--seed", "3"))
+    ok(
+        shard(
+            "synthetic",
+            "--out",
+            str(out),
+            "--num-classes",
+            "4",
+            "--image-size",
+            "12",
+            "--num-samples",
+            "2000",
+            "--shard-size",
+            "300",
+            "--val-fraction",
+            "0.1",
+            "--seed",
+            "3",
+        )
+    )
     return out
 
 
 def start(*args: str, processes: int = 2) -> subprocess.Popen:
     """A real `accelerate launch` in the background, in its own session so a test can signal it as a shell would."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP),
-           "--num_processes", str(processes), "--main_process_port", str(free_port()), "--mixed_precision", "no",
-           str(TRAIN), *args, "--log-every", "1"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=run_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_DDP),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        str(TRAIN),
+        *args,
+        "--log-every",
+        "1",
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=run_env(OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> None:
@@ -70,8 +108,11 @@ def ranks(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
             procs[child.pid] = (child, child.environ())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return {int(env["RANK"]): child for child, env in procs.values()
-            if "RANK" in env and "RANK" not in procs.get(child.ppid(), (None, {}))[1]}
+    return {
+        int(env["RANK"]): child
+        for child, env in procs.values()
+        if "RANK" in env and "RANK" not in procs.get(child.ppid(), (None, {}))[1]
+    }
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
@@ -85,8 +126,10 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 # 1. Preemption ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("target,sig", [("launcher", signal.SIGTERM), ("rank1", signal.SIGTERM),
-                                        ("group", signal.SIGINT)])
+
+@pytest.mark.parametrize(
+    "target,sig", [("launcher", signal.SIGTERM), ("rank1", signal.SIGTERM), ("group", signal.SIGINT)]
+)
 def test_preemption_saves_and_the_same_command_resumes(data, tmp_path, target, sig):
     out = tmp_path / "run"
     args = ["--data", str(data), "--out", str(out), "--epochs", "2", *TINY]
@@ -115,6 +158,7 @@ def test_preemption_saves_and_the_same_command_resumes(data, tmp_path, target, s
 
 # 2. Exact mid-epoch resume ----------------------------------------------------------------------------
 
+
 def test_single_process_resume_is_bitwise_equal(data, tmp_path):
     args = ["--data", str(data), "--epochs", "2", "--checkpoint-every", "7", "--cpu-bf16", "off", *TINY]  # fp32
     single = dict(processes=1)
@@ -128,11 +172,17 @@ def test_single_process_resume_is_bitwise_equal(data, tmp_path):
 
 # 3. SIGKILL, also while a checkpoint is being written ----------------------------------------------
 
+
 @pytest.mark.parametrize("kill_at", range(1, 9))
 def test_kill_during_checkpoint_write_leaves_a_complete_checkpoint(tmp_path, kill_at):
     script = ROOT / "tests" / "scripts" / "kill_during_save.py"
-    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(kill_at)], capture_output=True,
-                            text=True, env=run_env(), timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(kill_at)],
+        capture_output=True,
+        text=True,
+        env=run_env(),
+        timeout=120,
+    )
     assert result.returncode in (-signal.SIGKILL, 0), result.stderr
     found = find_checkpoint(tmp_path / "checkpoints" / "last")
     assert found is not None
@@ -156,6 +206,7 @@ def test_sigkill_of_a_rank_ends_the_job_and_the_last_checkpoint_resumes(data, tm
 
 
 # 4. Corruption met while streaming -----------------------------------------------------------------
+
 
 def damaged_copy(data: Path, tmp_path: Path, mend_index: bool) -> tuple[Path, str]:
     """A copy whose second train shard has bytes flipped inside its first image.
@@ -211,7 +262,7 @@ def test_damaged_tar_block_is_survived(data, tmp_path):
     index = json.loads((copy / "index.json").read_text())
     path = copy / index["splits"]["train"]["shards"][0]["file"]
     raw = bytearray(path.read_bytes())
-    raw[512 * 30:512 * 31] = b"\xff" * 512  # a header block in the middle: the tar loses its thread there
+    raw[512 * 30 : 512 * 31] = b"\xff" * 512  # a header block in the middle: the tar loses its thread there
     path.write_bytes(bytes(raw))
     out = tmp_path / "run"
     ok(train("--data", str(copy), "--out", str(out), "--epochs", "1", *TINY))
@@ -220,9 +271,16 @@ def test_damaged_tar_block_is_survived(data, tmp_path):
 
 # 5. Missing or inconsistent data: a clear error before training -----------------------------------
 
+
 def single(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TRAIN), *args, "--wandb-mode", "disabled"], capture_output=True,
-                          text=True, cwd=ROOT, env=run_env(), timeout=120)
+    return subprocess.run(
+        [sys.executable, str(TRAIN), *args, "--wandb-mode", "disabled"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=run_env(),
+        timeout=120,
+    )
 
 
 def test_missing_shard_and_bad_index_fail_before_training(data, tmp_path):
@@ -231,7 +289,8 @@ def test_missing_shard_and_bad_index_fail_before_training(data, tmp_path):
     (copy / "val-000000.tar").unlink()
     result = single("--data", str(copy), "--out", str(tmp_path / "r"))
     assert result.returncode == 2 and errors(result) == [
-        f"error: {copy / 'val-000000.tar'}: shard listed in index.json is missing"]
+        f"error: {copy / 'val-000000.tar'}: shard listed in index.json is missing"
+    ]
     assert not (tmp_path / "r" / "checkpoints").exists()
     (copy / "index.json").write_text("{not json")
     result = single("--data", str(copy), "--out", str(tmp_path / "r"))
@@ -239,6 +298,7 @@ def test_missing_shard_and_bad_index_fail_before_training(data, tmp_path):
 
 
 # 7. A dead or hung rank ---------------------------------------------------------------------------
+
 
 def test_frozen_rank_ends_the_job_with_an_error_naming_it(data, tmp_path):
     out = tmp_path / "run"
@@ -259,11 +319,26 @@ def test_frozen_rank_ends_the_job_with_an_error_naming_it(data, tmp_path):
 
 # 8. NaN/inf losses --------------------------------------------------------------------------------
 
+
 def test_nan_step_is_skipped_on_every_rank_and_training_goes_on(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP),
-                             "--main_process_port", str(free_port()), str(ROOT / "tests" / "scripts" / "nan_step.py"),
-                             str(tmp_path / "r.json")], capture_output=True, text=True, cwd=ROOT,
-                            env=run_env(OMP_NUM_THREADS="1"), timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CPU_DDP),
+            "--main_process_port",
+            str(free_port()),
+            str(ROOT / "tests" / "scripts" / "nan_step.py"),
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=run_env(OMP_NUM_THREADS="1"),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     r = read_json(tmp_path / "r.json")
     assert r["bad_steps"] == 1 and r["unchanged_by_bad_step"] and r["ranks_agree"] and r["trained_after"]
@@ -271,14 +346,33 @@ def test_nan_step_is_skipped_on_every_rank_and_training_goes_on(tmp_path):
 
 def test_diverging_run_stops_with_a_checkpoint(data, tmp_path):
     out = tmp_path / "run"
-    result = single("--data", str(data), "--out", str(out), "--epochs", "1", "--max-bad-steps", "3",
-                    "--width", "8", "--batch-size", "16", "--num-workers", "1", "--lr", "1e12", "--momentum", "0")
+    result = single(
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--max-bad-steps",
+        "3",
+        "--width",
+        "8",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "1",
+        "--lr",
+        "1e12",
+        "--momentum",
+        "0",
+    )
     assert result.returncode == 1
     assert len(errors(result)) == 1 and "NaN or infinite for 3 optimizer steps in a row" in errors(result)[0]
     assert find_checkpoint(out / "checkpoints" / "last") is not None
 
 
 # 9. Disk full, unwritable RUN_DIR -------------------------------------------------------------------
+
 
 @pytest.fixture
 def small_disk(tmp_path):
@@ -294,8 +388,22 @@ def small_disk(tmp_path):
 def test_disk_full_is_a_clear_error_and_the_last_checkpoint_survives(data, small_disk):
     out = small_disk / "run"
     # ~0.7 MB of weights + 0.7 MB of momentum: the first checkpoint fits, a second beside it does not.
-    result = single("--data", str(data), "--out", str(out), "--epochs", "1", "--checkpoint-every", "5",
-                    "--width", "8", "--batch-size", "16", "--num-workers", "1")
+    result = single(
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--checkpoint-every",
+        "5",
+        "--width",
+        "8",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "1",
+    )
     assert result.returncode == 1
     assert len(errors(result)) == 1 and "No space left on device" in errors(result)[0]
     assert "the previous checkpoint is intact" in errors(result)[0]
@@ -312,13 +420,34 @@ def test_unwritable_run_dir_fails_before_training(data, tmp_path):
 
 # Security -------------------------------------------------------------------------------------------
 
+
 def test_wandb_key_never_lands_in_the_run_folder(data, tmp_path):
     secret = "0123456789abcdef0123456789abcdef01234567"
     out = tmp_path / "run"
     env = run_env(WANDB_API_KEY=secret, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(TRAIN), "--data", str(data), "--out", str(out), "--max-steps", "3",
-                             "--width", "8", "--batch-size", "16", "--num-workers", "0"], capture_output=True,
-                            text=True, cwd=ROOT, env=env, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(TRAIN),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-steps",
+            "3",
+            "--width",
+            "8",
+            "--batch-size",
+            "16",
+            "--num-workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert secret not in result.stdout + result.stderr
     for path in out.rglob("*"):

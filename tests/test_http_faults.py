@@ -24,8 +24,8 @@ from conftest import free_port
 from resnet_dist.errors import DataError, UsageError
 from resnet_dist.storage import check_shards, open_shard, read_bytes, read_index
 
-TIMEOUT = 0.3   # RESNET_DIST_HTTP_TIMEOUT in these tests: a stall of STALL is a timeout
-STALL = 0.8     # bounded: the handler thread sleeps this long, then gives up on the connection
+TIMEOUT = 0.3  # RESNET_DIST_HTTP_TIMEOUT in these tests: a stall of STALL is a timeout
+STALL = 0.8  # bounded: the handler thread sleeps this long, then gives up on the connection
 
 
 class FaultServer:
@@ -34,10 +34,10 @@ class FaultServer:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.plans: dict[str, list[str]] = {}
-        self.sticky: set[str] = set()        # files whose last planned action repeats forever
+        self.sticky: set[str] = set()  # files whose last planned action repeats forever
         self.head_refused: int | None = None  # answer every HEAD with this status (405/501)
-        self.seen: Counter = Counter()        # (method, file) -> requests received
-        self.ranges: list[str] = []           # Range headers received
+        self.seen: Counter = Counter()  # (method, file) -> requests received
+        self.ranges: list[str] = []  # Range headers received
         self.lock = threading.Lock()
         server = self
 
@@ -202,12 +202,15 @@ def test_missing_file_is_a_404(server):
         read_bytes(server.url, "absent.tar")
 
 
-@pytest.mark.parametrize("fault, cause", [
-    ("503", r"HTTP 503 Service Unavailable"),
-    ("reset", r"connection reset|server closed the connection"),
-    ("half", r"body cut short \(\d+ of \d+ bytes\)"),
-    ("stall", r"timed out \(no data for 0.3 s\)"),
-])
+@pytest.mark.parametrize(
+    "fault, cause",
+    [
+        ("503", r"HTTP 503 Service Unavailable"),
+        ("reset", r"connection reset|server closed the connection"),
+        ("half", r"body cut short \(\d+ of \d+ bytes\)"),
+        ("stall", r"timed out \(no data for 0.3 s\)"),
+    ],
+)
 def test_fault_that_never_clears_gives_up_after_the_tries(server, monkeypatch, shard_name, fault, cause):
     monkeypatch.setenv("RESNET_DIST_HTTP_RETRIES", "3")
     server.plan(shard_name, [fault], sticky=True)
@@ -227,8 +230,11 @@ def test_connection_refused_is_retried_then_clear(fast_retries, monkeypatch):
     monkeypatch.setenv("RESNET_DIST_HTTP_RETRIES", "3")
     port = free_port()  # bound then released: nothing listens there
     start = time.monotonic()
-    with pytest.raises(DataError, match=rf"^http://127.0.0.1:{port}/a.tar: connection refused "
-                                        r"\(gave up after 3 tries\)$"):
+    with pytest.raises(
+        DataError,
+        match=rf"^http://127.0.0.1:{port}/a.tar: connection refused "
+        r"\(gave up after 3 tries\)$",
+    ):
         read_bytes(f"http://127.0.0.1:{port}", "a.tar")
     assert time.monotonic() - start < 2
 
@@ -244,8 +250,15 @@ def test_backoff_doubles(server, monkeypatch, shard_name):
     assert server.seen[("GET", shard_name)] == 4
 
 
-@pytest.mark.parametrize("var, value", [("RESNET_DIST_HTTP_RETRIES", "0"), ("RESNET_DIST_HTTP_RETRIES", "two"),
-                                        ("RESNET_DIST_HTTP_TIMEOUT", "0"), ("RESNET_DIST_HTTP_BACKOFF", "-1")])
+@pytest.mark.parametrize(
+    "var, value",
+    [
+        ("RESNET_DIST_HTTP_RETRIES", "0"),
+        ("RESNET_DIST_HTTP_RETRIES", "two"),
+        ("RESNET_DIST_HTTP_TIMEOUT", "0"),
+        ("RESNET_DIST_HTTP_BACKOFF", "-1"),
+    ],
+)
 def test_bad_settings_are_a_usage_error(server, monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     with pytest.raises(UsageError, match=rf"^{var} must be "):
@@ -324,8 +337,11 @@ def test_check_shards_reports_the_first_problem_and_counts_the_rest(copy_server,
     first, second = index.splits["train"].shards[:2]
     (shard_copy / first.file).unlink()
     (shard_copy / second.file).write_bytes(b"x")
-    with pytest.raises(DataError, match=rf"/{first.file}: shard listed in index.json is missing \(HTTP 404\) "
-                                        r"\(and 1 more shards with problems\)$"):
+    with pytest.raises(
+        DataError,
+        match=rf"/{first.file}: shard listed in index.json is missing \(HTTP 404\) "
+        r"\(and 1 more shards with problems\)$",
+    ):
         check_shards(copy_server.url, index, ["train"])
 
 

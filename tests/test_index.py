@@ -31,7 +31,9 @@ def make_index(**overrides) -> DatasetIndex:
         mean=[0.286],
         std=[0.353],
         splits={
-            "train": SplitInfo(7, (ShardInfo("train-000000.tar", 5, SHA, 10240), ShardInfo("train-000001.tar", 2, SHA, 10240))),
+            "train": SplitInfo(
+                7, (ShardInfo("train-000000.tar", 5, SHA, 10240), ShardInfo("train-000001.tar", 2, SHA, 10240))
+            ),
             "test": SplitInfo(3, (ShardInfo("test-000000.tar", 3, SHA, 10240),)),
         },
         extra_labels={},

@@ -14,9 +14,14 @@ from resnet_dist.errors import UsageError
 from resnet_dist.recipes import RECIPES
 
 SHAPES = {  # recipe -> (classes, size, channels) of the dataset it was made for
-    "tinyimagenet-resnet34": (200, 64, 3), "cifar10-resnet18": (10, 32, 3), "cifar10-resnet34-adam": (10, 32, 3),
-    "cifar10-simplecnn": (10, 32, 3), "fashion-mnist-demo": (10, 28, 1), "fashion-mnist-15min": (10, 28, 1),
-    "fashion-mnist-resnet18": (10, 28, 1)}
+    "tinyimagenet-resnet34": (200, 64, 3),
+    "cifar10-resnet18": (10, 32, 3),
+    "cifar10-resnet34-adam": (10, 32, 3),
+    "cifar10-simplecnn": (10, 32, 3),
+    "fashion-mnist-demo": (10, 28, 1),
+    "fashion-mnist-15min": (10, 28, 1),
+    "fashion-mnist-resnet18": (10, 28, 1),
+}
 
 
 def test_every_recipe_has_a_smoke_shape():
@@ -35,15 +40,28 @@ def test_recipe_resolves_and_flags_override_it(name):
 
 def test_reference_settings_are_the_notebooks():
     tin = TrainConfig(**RECIPES["tinyimagenet-resnet34"].settings)
-    assert (tin.model, tin.stem, tin.dropout, tin.lr, tin.weight_decay, tin.epochs, tin.batch_size) == \
-        ("resnet34", "cifar", 0.4, 0.01, 4e-4, 100, 64)
+    assert (tin.model, tin.stem, tin.dropout, tin.lr, tin.weight_decay, tin.epochs, tin.batch_size) == (
+        "resnet34",
+        "cifar",
+        0.4,
+        0.01,
+        4e-4,
+        100,
+        64,
+    )
     adam = TrainConfig(**RECIPES["cifar10-resnet34-adam"].settings)
     assert (adam.stem, adam.optimizer, adam.lr, adam.epochs) == ("imagenet", "adam", 1e-3, 10)
 
 
 def test_print_config_needs_no_data_and_prints_json():
-    result = subprocess.run([sys.executable, str(TRAIN), "--recipe", "cifar10-resnet18", "--print-config"],
-                            capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), "--recipe", "cifar10-resnet18", "--print-config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=run_env(),
+        timeout=120,
+    )
     assert result.returncode == 0
     assert json.loads(result.stdout)["model"] == "resnet18"
 
@@ -60,9 +78,21 @@ def shaped(tmp_path_factory):
     made = {}
     for classes, size, channels in set(SHAPES.values()):
         out = tmp_path_factory.mktemp("shape") / f"c{classes}-s{size}-ch{channels}"
-        result = shard("synthetic", "--out", str(out), "--num-classes", str(classes), "--image-size", str(size),
-                       "--channels", str(channels), "--num-samples", str(max(120, classes * 2)),
-                       "--val-fraction", "0.5")
+        result = shard(
+            "synthetic",
+            "--out",
+            str(out),
+            "--num-classes",
+            str(classes),
+            "--image-size",
+            str(size),
+            "--channels",
+            str(channels),
+            "--num-samples",
+            str(max(120, classes * 2)),
+            "--val-fraction",
+            "0.5",
+        )
         assert result.returncode == 0, result.stderr
         made[(classes, size, channels)] = out
     return made
@@ -72,11 +102,33 @@ def shaped(tmp_path_factory):
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_starts_training(name, shaped, tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, str(TRAIN), "--recipe", name, "--data", str(shaped[SHAPES[name]]),
-                             "--out", str(out), "--max-steps", "1", "--batch-size", "8", "--num-workers", "0",
-                             "--width", "8",  # the recipe's own width is checked above; this keeps CI quick
-                             "--wandb-mode", "disabled"], capture_output=True, text=True, cwd=ROOT, env=run_env(),
-                            timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(TRAIN),
+            "--recipe",
+            name,
+            "--data",
+            str(shaped[SHAPES[name]]),
+            "--out",
+            str(out),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+            "--width",
+            "8",  # the recipe's own width is checked above; this keeps CI quick
+            "--wandb-mode",
+            "disabled",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=run_env(),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert read_json(out / "summary.json")["steps_done"] == 1
     assert read_json(out / "config.json")["recipe"] == name
@@ -85,9 +137,26 @@ def test_recipe_starts_training(name, shaped, tmp_path):
 @pytest.mark.slow
 def test_scale_lr_linear_follows_the_global_batch(shaped, tmp_path):
     out = tmp_path / "run"
-    result = train("--recipe", "cifar10-resnet18", "--data", str(shaped[(10, 32, 3)]), "--out", str(out),
-                   "--width", "8", "--batch-size", "16", "--max-steps", "1", "--scale-lr", "linear",
-                   "--num-workers", "0", "--wandb-mode", "disabled")
+    result = train(
+        "--recipe",
+        "cifar10-resnet18",
+        "--data",
+        str(shaped[(10, 32, 3)]),
+        "--out",
+        str(out),
+        "--width",
+        "8",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "1",
+        "--scale-lr",
+        "linear",
+        "--num-workers",
+        "0",
+        "--wandb-mode",
+        "disabled",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert read_json(out / "config.json")["lr"] == pytest.approx(0.1 * 32 / 128)  # 16 x 2 processes
     assert "lr scaled linearly to 0.025" in result.stdout

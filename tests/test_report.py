@@ -10,13 +10,35 @@ from conftest import ROOT, read_json, run_env
 
 pytestmark = pytest.mark.slow
 SWEEP = ROOT / "launch" / "sweep.py"
-TINY = ["--width", "4", "--batch-size", "32", "--lr", "0.05", "--epochs", "2", "--max-steps", "20",
-        "--num-workers", "0", "--wandb-mode", "disabled", "--log-every", "5"]
+TINY = [
+    "--width",
+    "4",
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.05",
+    "--epochs",
+    "2",
+    "--max-steps",
+    "20",
+    "--num-workers",
+    "0",
+    "--wandb-mode",
+    "disabled",
+    "--log-every",
+    "5",
+]
 
 
 def cmd(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=run_env(OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=run_env(OMP_NUM_THREADS="1"),
+    )
 
 
 def ok(result):
@@ -27,7 +49,17 @@ def ok(result):
 @pytest.fixture(scope="module")
 def sweep(synthetic_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "wd"
-    args = [str(SWEEP), "--data", str(synthetic_shards), "--out", str(out), "--set", "weight_decay=5e-4,1e-4", "--", *TINY]
+    args = [
+        str(SWEEP),
+        "--data",
+        str(synthetic_shards),
+        "--out",
+        str(out),
+        "--set",
+        "weight_decay=5e-4,1e-4",
+        "--",
+        *TINY,
+    ]
     return out, ok(cmd(*args)), args
 
 
@@ -60,8 +92,16 @@ def test_sweep_skips_finished_variants(sweep):
 
 def test_report_cli(sweep, tmp_path):
     out, _, _ = sweep
-    result = ok(cmd("-m", "resnet_dist.report", str(out / "weight_decay=0.0005"), str(out / "weight_decay=0.0001"),
-                    "--out", str(tmp_path / "r")))
+    result = ok(
+        cmd(
+            "-m",
+            "resnet_dist.report",
+            str(out / "weight_decay=0.0005"),
+            str(out / "weight_decay=0.0001"),
+            "--out",
+            str(tmp_path / "r"),
+        )
+    )
     assert "weight decay" in result.stdout and "weight_decay=0.0001" in result.stdout
     assert json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["epochs"] >= 0
 

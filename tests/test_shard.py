@@ -45,8 +45,11 @@ def pack(*argv: str | Path) -> int:
 def cli(*argv: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "resnet_dist.shard", *map(str, argv)],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def read_split(out: Path, split: str) -> list[tuple[str, dict[str, bytes]]]:
@@ -115,7 +118,9 @@ def shas(out: Path) -> dict[str, str]:
 # --- tar framing -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,size", [("train_00000001.png", 524), ("a.cls", 1), ("x" * 99, 0), ("val_00001234.coarse.cls", 512)])
+@pytest.mark.parametrize(
+    "name,size", [("train_00000001.png", 524), ("a.cls", 1), ("x" * 99, 0), ("val_00001234.coarse.cls", 512)]
+)
 def test_tar_member_is_what_tarfile_writes(name, size):
     payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
     buf = io.BytesIO()
@@ -247,7 +252,21 @@ def test_all_grayscale_imagefolder_gets_one_channel(tmp_path):
 
 def test_synthetic_jpeg(tmp_path):
     out = tmp_path / "out"
-    pack("synthetic", "--num-classes", "3", "--num-samples", "30", "--image-size", "8", "--format", "jpeg", "--quality", "80", "--out", out)
+    pack(
+        "synthetic",
+        "--num-classes",
+        "3",
+        "--num-samples",
+        "30",
+        "--image-size",
+        "8",
+        "--format",
+        "jpeg",
+        "--quality",
+        "80",
+        "--out",
+        out,
+    )
     index = load_index(out)
     assert index.format == "jpeg" and index.num_classes == 3
     assert {image_of(m)[0] for _, m in read_split(out, "train")} == {"jpg"}
@@ -260,8 +279,21 @@ def test_synthetic_jpeg(tmp_path):
 
 def test_val_split_is_stratified_and_disjoint(tmp_path):
     out = tmp_path / "out"
-    pack("synthetic", "--num-classes", "5", "--num-samples", "200", "--image-size", "4", "--channels", "1",
-         "--val-fraction", "0.25", "--out", out)  # fmt: skip
+    pack(
+        "synthetic",
+        "--num-classes",
+        "5",
+        "--num-samples",
+        "200",
+        "--image-size",
+        "4",
+        "--channels",
+        "1",
+        "--val-fraction",
+        "0.25",
+        "--out",
+        out,
+    )
     index = load_index(out)
     assert index.splits["train"].num_samples == 150 and index.splits["val"].num_samples == 50
     val = read_split(out, "val")
@@ -283,7 +315,19 @@ def test_carve_val_rounds_per_class():
 
 def test_samples_are_shuffled_across_classes(tmp_path):
     out = tmp_path / "out"
-    pack("synthetic", "--num-classes", "2", "--num-samples", "200", "--image-size", "4", "--shard-size", "50", "--out", out)
+    pack(
+        "synthetic",
+        "--num-classes",
+        "2",
+        "--num-samples",
+        "200",
+        "--image-size",
+        "4",
+        "--shard-size",
+        "50",
+        "--out",
+        out,
+    )
     for info in load_index(out).splits["train"].shards:
         with tarfile.open(out / info.file) as tar:
             labels = {int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")}
@@ -301,7 +345,19 @@ def test_same_seed_same_bytes_other_seed_other_order(tmp_path):
 def test_workers_give_identical_shards(tmp_path):
     fabricate.make_imagefolder(tmp_path / "src")
     for workers in ("1", "2"):
-        pack("synthetic", "--num-samples", "700", "--image-size", "6", "--shard-size", "300", "--out", tmp_path / f"s{workers}", "--workers", workers)
+        pack(
+            "synthetic",
+            "--num-samples",
+            "700",
+            "--image-size",
+            "6",
+            "--shard-size",
+            "300",
+            "--out",
+            tmp_path / f"s{workers}",
+            "--workers",
+            workers,
+        )
         pack("imagefolder", "--root", tmp_path / "src", "--out", tmp_path / f"i{workers}", "--workers", workers)
     assert shas(tmp_path / "s1") == shas(tmp_path / "s2")
     assert shas(tmp_path / "i1") == shas(tmp_path / "i2")
@@ -369,7 +425,19 @@ def test_verify_catches_a_single_flipped_byte(tmp_path):
 
 def test_verify_names_each_problem(tmp_path):
     out = tmp_path / "out"
-    pack("synthetic", "--num-classes", "3", "--num-samples", "30", "--image-size", "8", "--shard-size", "10", "--out", out)
+    pack(
+        "synthetic",
+        "--num-classes",
+        "3",
+        "--num-samples",
+        "30",
+        "--image-size",
+        "8",
+        "--shard-size",
+        "10",
+        "--out",
+        out,
+    )
     (out / "train-000002.tar").unlink()
     obj = json.loads((out / "index.json").read_text())
     obj["classes"] = obj["classes"][:1]  # labels 1 and 2 now out of range
@@ -399,9 +467,16 @@ def test_bad_root_is_one_line_and_exit_2(tmp_path, source):
 
 @pytest.mark.parametrize(
     "argv",
-    [["gif-folder", "--root", "x"], ["synthetic", "--format", "gif"], ["cifar10"], ["synthetic", "--root", "x"],
-     ["synthetic", "--quality", "50"], ["synthetic", "--val-fraction", "1.5"], ["cifar10", "--root", "x", "--num-classes", "3"]],
-)  # fmt: skip
+    [
+        ["gif-folder", "--root", "x"],
+        ["synthetic", "--format", "gif"],
+        ["cifar10"],
+        ["synthetic", "--root", "x"],
+        ["synthetic", "--quality", "50"],
+        ["synthetic", "--val-fraction", "1.5"],
+        ["cifar10", "--root", "x", "--num-classes", "3"],
+    ],
+)
 def test_bad_options_exit_2(argv):
     result = cli(*argv)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "error" in result.stderr
@@ -416,7 +491,9 @@ def test_plain_tar_and_plain_webdataset_read_the_shards(tmp_path):
     fabricate.make_cifar100(tmp_path / "src")
     out = tmp_path / "out"
     pack("cifar100", "--root", tmp_path / "src", "--out", out, "--shard-size", "25")
-    listing = subprocess.run(["tar", "tvf", out / "train-000000.tar"], capture_output=True, text=True, check=True).stdout.splitlines()
+    listing = subprocess.run(
+        ["tar", "tvf", out / "train-000000.tar"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert len(listing) == 25 * 3
     assert listing[0].split()[:2] == ["-rw-r--r--", "0/0"] and listing[0].endswith("train_00000000.png")
     urls = [str(out / s.file) for s in load_index(out).splits["train"].shards]
@@ -431,7 +508,9 @@ def test_plain_tar_and_plain_webdataset_read_the_shards(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FASHION.is_dir(), reason="needs /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not FASHION.is_dir(), reason="needs /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)"
+)
 def test_real_fashion_mnist(tmp_path):
     out = tmp_path / "fashion-mnist"
     assert pack("fashion-mnist", "--root", FASHION, "--out", out, "--workers", str(min(os.cpu_count() or 1, 2))) == 0
@@ -451,12 +530,30 @@ def test_ctrl_c_with_workers_exits_130_and_leaves_no_index(tmp_path):
 
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "resnet_dist.shard", "synthetic", "--num-samples", "40000", "--image-size", "16",
-         "--shard-size", "500", "--workers", "2", "--out", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "resnet_dist.shard",
+            "synthetic",
+            "--num-samples",
+            "40000",
+            "--image-size",
+            "16",
+            "--shard-size",
+            "500",
+            "--workers",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
         # a terminal's Ctrl-C reaches processes whose SIGINT is not ignored (pytest's may be)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 60
     while not (out / "train-000000.tar").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -38,8 +38,9 @@ def test_http_prefix_streams_the_same_batches_as_the_folder(served, synthetic_sh
     index = read_index(served)
     assert index == read_index(str(synthetic_shards))
     for split, is_train in (("train", True), ("val", False)):
-        assert fingerprints(served, index, split, is_train) == fingerprints(str(synthetic_shards), index, split,
-                                                                             is_train)
+        assert fingerprints(served, index, split, is_train) == fingerprints(
+            str(synthetic_shards), index, split, is_train
+        )
 
 
 def test_http_missing_index_is_one_clear_error(served):
@@ -50,8 +51,22 @@ def test_http_missing_index_is_one_clear_error(served):
 @pytest.mark.slow
 def test_two_process_training_over_http(served, tmp_path):
     out = tmp_path / "r"
-    result = train("--data", served, "--out", str(out), "--epochs", "1", "--max-steps", "4", "--width", "8",
-                   "--batch-size", "16", "--num-workers", "1")
+    result = train(
+        "--data",
+        served,
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "4",
+        "--width",
+        "8",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_json(out / "summary.json")["steps_done"] == 4
 
@@ -91,10 +106,32 @@ def test_damaged_shard_with_strict_data_is_one_line_naming_the_shard(synthetic_s
     data = bytearray(first.read_bytes())
     data[600:640] = bytes(b ^ 0xFF for b in data[600:640])  # inside the first PNG, size unchanged
     first.write_bytes(bytes(data))
-    result = subprocess.run([sys.executable, str(TRAIN), "--data", str(copy), "--out", str(tmp_path / "r"),
-                             "--width", "8", "--batch-size", "16", "--num-workers", "1", "--wandb-mode", "disabled",
-                             "--strict-data"], capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(TRAIN),
+            "--data",
+            str(copy),
+            "--out",
+            str(tmp_path / "r"),
+            "--width",
+            "8",
+            "--batch-size",
+            "16",
+            "--num-workers",
+            "1",
+            "--wandb-mode",
+            "disabled",
+            "--strict-data",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=run_env(),
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: {first.name}: sha256 differs from index.json (the shard changed since it was written)"]
+        f"error: {first.name}: sha256 differs from index.json (the shard changed since it was written)"
+    ]

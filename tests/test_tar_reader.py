@@ -27,15 +27,32 @@ class FakeShard:
         self.file = file
 
 
-def ours(data: bytes, skip: int = 0, take: int = 10 ** 9, url: str = "x.tar") -> list[dict]:
+def ours(data: bytes, skip: int = 0, take: int = 10**9, url: str = "x.tar") -> list[dict]:
     return list(tar_samples(data, Piece(FakeShard(url), skip, take)))
 
 
 @pytest.fixture(scope="module", params=["png", "jpeg"])
 def packed(request, tmp_path_factory) -> list[bytes]:
     out = tmp_path_factory.mktemp("shards") / request.param
-    result = shard("synthetic", "--out", str(out), "--num-classes", "3", "--image-size", "12", "--num-samples", "90",
-                   "--channels", "3", "--shard-size", "40", "--format", request.param, "--seed", "2")
+    result = shard(
+        "synthetic",
+        "--out",
+        str(out),
+        "--num-classes",
+        "3",
+        "--image-size",
+        "12",
+        "--num-samples",
+        "90",
+        "--channels",
+        "3",
+        "--shard-size",
+        "40",
+        "--format",
+        request.param,
+        "--seed",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
     return [p.read_bytes() for p in sorted(out.glob("*.tar"))]
 
@@ -45,7 +62,7 @@ def test_our_shards_read_as_webdataset_reads_them_at_every_skip_and_take(packed)
         expected = webdataset_samples(data, "x.tar")
         assert ours(data) == expected and len(expected) > 5
         for skip, take in [(0, 1), (1, 3), (len(expected) - 2, 5), (len(expected), 1)]:
-            assert ours(data, skip, take) == expected[skip:skip + take]
+            assert ours(data, skip, take) == expected[skip : skip + take]
 
 
 def tar_of(fmt: int, members: list[tuple[str, bytes | None]]) -> bytes:
@@ -63,20 +80,32 @@ def tar_of(fmt: int, members: list[tuple[str, bytes | None]]) -> bytes:
 
 
 LONG = "d/" + "deep_folder_" * 12 + "/"  # > 100 characters: GNU long names, pax paths, ustar prefixes
-MEMBERS = [("a", None), ("a/k1.png", b"\x89PNG one"), ("a/k1.cls", b"3"), ("a/k1.coarse.cls", b"1"),
-           (LONG, None), (LONG + "k2.jpg", b"j" * 513), (LONG + "k2.cls", b"4"), ("k3.txt", b""),
-           ("k3.CLS", b"5"), ("noext", b"skipped by webdataset"), ("__meta__", b"m"),
-           ("é/k4.png", b"x" * 1024), ("é/k4.cls", b"0")]
+MEMBERS = [
+    ("a", None),
+    ("a/k1.png", b"\x89PNG one"),
+    ("a/k1.cls", b"3"),
+    ("a/k1.coarse.cls", b"1"),
+    (LONG, None),
+    (LONG + "k2.jpg", b"j" * 513),
+    (LONG + "k2.cls", b"4"),
+    ("k3.txt", b""),
+    ("k3.CLS", b"5"),
+    ("noext", b"skipped by webdataset"),
+    ("__meta__", b"m"),
+    ("é/k4.png", b"x" * 1024),
+    ("é/k4.cls", b"0"),
+]
 
 
-@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT],
-                         ids=["gnu", "pax", "ustar"])
+@pytest.mark.parametrize(
+    "fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT], ids=["gnu", "pax", "ustar"]
+)
 def test_any_standard_tar_reads_as_tarfile_and_webdataset_read_it(fmt):
     members = MEMBERS if fmt != tarfile.USTAR_FORMAT else [m for m in MEMBERS if not m[0].startswith("é")]
     data = tar_of(fmt, members)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         files = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
-    assert [(name, data[start:start + size]) for name, start, size in tar_members(data)] == files
+    assert [(name, data[start : start + size]) for name, start, size in tar_members(data)] == files
     expected = webdataset_samples(data, "x.tar")
     assert ours(data) == expected and len(expected) == len({n.rsplit(".")[0] for n, p in members if p is not None}) - 2
     assert ours(data, 1, 2) == expected[1:3]
@@ -101,7 +130,7 @@ def test_a_damaged_header_or_a_cut_member_raises_where_tarfile_would_stop():
     with pytest.raises(ValueError, match="checksum"):
         ours(bytes(damaged))
     with pytest.raises(ValueError, match="cut short"):
-        ours(data[:next(start for name, start, _ in tar_members(data) if name.endswith("k2.jpg")) + 100])
+        ours(data[: next(start for name, start, _ in tar_members(data) if name.endswith("k2.jpg")) + 100])
     assert list(tar_members(b"\0" * 1024)) == []
 
 
@@ -118,9 +147,15 @@ def pil_pixels(data: bytes, channels: int) -> np.ndarray:
 
 
 RGB = Image.fromarray(np.random.default_rng(0).integers(0, 256, (19, 23, 3), dtype=np.uint8))
-PNGS = {"L": RGB.convert("L"), "RGB": RGB, "RGBA": RGB.convert("RGBA"), "LA": RGB.convert("LA"),
-        "P": RGB.convert("P", palette=Image.ADAPTIVE, colors=40), "1": RGB.convert("1"),
-        "I;16": Image.fromarray(np.arange(19 * 23, dtype=np.uint16).reshape(19, 23) * 100)}
+PNGS = {
+    "L": RGB.convert("L"),
+    "RGB": RGB,
+    "RGBA": RGB.convert("RGBA"),
+    "LA": RGB.convert("LA"),
+    "P": RGB.convert("P", palette=Image.ADAPTIVE, colors=40),
+    "1": RGB.convert("1"),
+    "I;16": Image.fromarray(np.arange(19 * 23, dtype=np.uint16).reshape(19, 23) * 100),
+}
 
 
 @pytest.mark.parametrize("mode", list(PNGS) + ["P+tRNS", "interlaced"])
@@ -157,7 +192,7 @@ def test_damaged_images_raise_the_same_data_error_and_never_crash(damage, fmt):
     elif damage == "flip end":
         data[-30:-20] = bytes(b ^ 0x5A for b in data[-30:-20])
     elif damage == "truncate":
-        data = data[:len(data) // 2]
+        data = data[: len(data) // 2]
     else:
         data = data[:40] + bytearray(200)
     if fmt == "PNG":

@@ -20,22 +20,53 @@ spec.loader.exec_module(tta)
 
 
 def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, env=run_env(OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env=run_env(OMP_NUM_THREADS="1"),
+    )
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     base = tmp_path_factory.mktemp("tta")
     fabricate.make_idx(base / "fm", train=300, test=100)
-    launch = (f"{shlex.quote(sys.executable)} -m accelerate.commands.launch --config_file {CPU_DDP} "
-              f"--num_processes 2 --main_process_port {free_port()} --mixed_precision no")
-    result = run_script("--recipe", "fashion-mnist-demo", "--root", str(base / "fm"), "--out", str(base / "res"),
-                        "--goal", "5", "--budget", "30", "--launch", launch,
-                        # the trainer's own flags pass through: a tiny model, 3 epochs, test after 2 and 3
-                        "--width", "4", "--epochs", "3", "--eval-every", "2", "--batch-size", "16",
-                        "--random-erase", "0.5", "--eval-tta", "flip",
-                        "--wandb-mode", "disabled")
+    launch = (
+        f"{shlex.quote(sys.executable)} -m accelerate.commands.launch --config_file {CPU_DDP} "
+        f"--num_processes 2 --main_process_port {free_port()} --mixed_precision no"
+    )
+    result = run_script(
+        "--recipe",
+        "fashion-mnist-demo",
+        "--root",
+        str(base / "fm"),
+        "--out",
+        str(base / "res"),
+        "--goal",
+        "5",
+        "--budget",
+        "30",
+        "--launch",
+        launch,
+        # the trainer's own flags pass through: a tiny model, 3 epochs, test after 2 and 3
+        "--width",
+        "4",
+        "--epochs",
+        "3",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "16",
+        "--random-erase",
+        "0.5",
+        "--eval-tta",
+        "flip",
+        "--wandb-mode",
+        "disabled",
+    )
     return base, result
 
 
@@ -78,7 +109,10 @@ def test_overlays_finished_results_and_refuses_a_second_timed_run_in_the_same_fo
 
 
 def test_the_goal_counts_only_when_the_finished_run_is_within_budget():
-    curve = [{"epoch": 1, "minutes": 5.0, "top1": 93.0}, {"epoch": 2, "minutes": 10.0, "top1": 94.2},
-             {"epoch": "end", "minutes": 10.3, "top1": 94.2}]
+    curve = [
+        {"epoch": 1, "minutes": 5.0, "top1": 93.0},
+        {"epoch": 2, "minutes": 10.0, "top1": 94.2},
+        {"epoch": "end", "minutes": 10.3, "top1": 94.2},
+    ]
     assert tta.goal_met(curve, 94.0, 15) and not tta.goal_met(curve, 94.5, 15) and not tta.goal_met(curve, 94.0, 10)
     assert tta.first_reaching(curve, 94.0)["epoch"] == 2 and tta.first_reaching(curve, 95.0) is None

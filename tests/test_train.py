@@ -56,8 +56,16 @@ def test_wandb_offline_run_holds_throughput_and_accuracy(two_epoch_run):
     out, _ = two_epoch_run
     rows = history(run_file(out))
     keys = set().union(*rows)
-    for key in ("train/loss", "train/lr", "perf/img_per_s", "perf/img_per_s_per_process",
-                "perf/data_wait_fraction", "val/top1", "val/top5", "val/loss"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "perf/img_per_s",
+        "perf/img_per_s_per_process",
+        "perf/data_wait_fraction",
+        "val/top1",
+        "val/top5",
+        "val/loss",
+    ):
         assert key in keys, key
     assert max(r["val/top1"] for r in rows if "val/top1" in r) == read_json(out / "summary.json")["best_val_top1"]
     assert summary(run_file(out))["test_top1"] == read_json(out / "summary.json")["test_top1"]
@@ -68,8 +76,25 @@ def test_wandb_offline_run_holds_throughput_and_accuracy(two_epoch_run):
 @pytest.fixture(scope="module")
 def one_shard(tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "ds"
-    ok(shard("synthetic", "--out", str(out), "--num-classes", "3", "--image-size", "8", "--num-samples", "203",
-             "--shard-size", "10000", "--val-fraction", "0.1", "--seed", "2"))
+    ok(
+        shard(
+            "synthetic",
+            "--out",
+            str(out),
+            "--num-classes",
+            "3",
+            "--image-size",
+            "8",
+            "--num-samples",
+            "203",
+            "--shard-size",
+            "10000",
+            "--val-fraction",
+            "0.1",
+            "--seed",
+            "2",
+        )
+    )
     return out
 
 
@@ -83,10 +108,15 @@ def test_one_shard_two_processes_two_workers(one_shard, tmp_path):
     seen = ranks[0]["images"] + ranks[1]["images"]
     assert len(seen) == len(set(seen)) == train_n // 16 * 16
     out = tmp_path / "run"
-    ok(train("--data", str(one_shard), "--out", str(out), "--epochs", "1", *TINY[:-4], "--num-workers", "2",
-             timeout=300))
-    assert read_json(out / "summary.json")["eval_counts"]["val"] == read_json(one_shard / "index.json")[
-        "splits"]["val"]["num_samples"]
+    ok(
+        train(
+            "--data", str(one_shard), "--out", str(out), "--epochs", "1", *TINY[:-4], "--num-workers", "2", timeout=300
+        )
+    )
+    assert (
+        read_json(out / "summary.json")["eval_counts"]["val"]
+        == read_json(one_shard / "index.json")["splits"]["val"]["num_samples"]
+    )
 
 
 def test_grad_accum_equals_larger_batch(tmp_path):
@@ -105,8 +135,10 @@ def test_resume_mid_epoch_continues_and_matches_uninterrupted(synthetic_shards, 
     assert read_json(tmp_path / "cut" / "summary.json")["steps_done"] == 5
     other = train(*args, "--seed", "7", "--out", str(tmp_path / "cut"))  # other settings: never mixed in
     assert other.returncode != 0
-    assert other.stderr.splitlines()[0] == (f"error: {tmp_path / 'cut'} holds a run with other settings (seed): "
-                                            "choose another --out for a new run, or repeat its settings to resume it")
+    assert other.stderr.splitlines()[0] == (
+        f"error: {tmp_path / 'cut'} holds a run with other settings (seed): "
+        "choose another --out for a new run, or repeat its settings to resume it"
+    )
     ok(train(*args, "--out", str(tmp_path / "cut")))  # the same command again resumes by itself
     full, cut = read_json(tmp_path / "full" / "summary.json"), read_json(tmp_path / "cut" / "summary.json")
     assert cut["steps_done"] == full["steps_done"] == 2 * (540 // 64)
@@ -118,8 +150,19 @@ def test_resume_mid_epoch_continues_and_matches_uninterrupted(synthetic_shards, 
 
 def test_sync_bn_and_bf16_run(synthetic_shards, tmp_path):
     out = tmp_path / "r"
-    ok(train("--data", str(synthetic_shards), "--out", str(out), "--epochs", "1", "--sync-bn", *TINY,
-             mixed_precision="bf16"))
+    ok(
+        train(
+            "--data",
+            str(synthetic_shards),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--sync-bn",
+            *TINY,
+            mixed_precision="bf16",
+        )
+    )
     summary = read_json(out / "summary.json")
     assert summary["mixed_precision"] == "bf16" and summary["world_size"] == 2
 
@@ -146,10 +189,32 @@ def test_compile_trains_and_saves_plain_weights(synthetic_shards, tmp_path):
     import sys
 
     out = tmp_path / "r"
-    result = subprocess.run([sys.executable, str(TRAIN), "--data", str(synthetic_shards), "--out", str(out),
-                             "--compile", "--max-steps", "2", "--width", "4", "--batch-size", "16",
-                             "--num-workers", "0", "--wandb-mode", "disabled"],
-                            capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(TRAIN),
+            "--data",
+            str(synthetic_shards),
+            "--out",
+            str(out),
+            "--compile",
+            "--max-steps",
+            "2",
+            "--width",
+            "4",
+            "--batch-size",
+            "16",
+            "--num-workers",
+            "0",
+            "--wandb-mode",
+            "disabled",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=run_env(),
+        timeout=600,
+    )
     ok(result)
     keys = load_file(out / "checkpoints" / "last" / "model.safetensors").keys()
     assert "fc.weight" in keys and not any("_orig_mod" in k for k in keys)  # loadable without compile

@@ -27,11 +27,11 @@ def raw_records(path: Path):
         if space < HEADER:  # the writer pads a block tail too short for a record header
             pos += space
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if kind == 0:  # zero padding at the end of a block or file
             pos += space
             continue
-        chunk = data[pos + HEADER:pos + HEADER + length]
+        chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 1:
             yield chunk

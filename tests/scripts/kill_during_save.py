@@ -31,6 +31,7 @@ def dying(real):
         if calls == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
+
     return wrapper
 
 

@@ -16,18 +16,33 @@ from resnet_dist.optim import build_optimizer, build_scheduler
 
 acc = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
 torch.manual_seed(0)
-net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                          torch.nn.Linear(4 * 6 * 6, 5))
+net = torch.nn.Sequential(
+    torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5)
+)
 poison = {"on": False}
 net.register_forward_hook(lambda m, i, o: o * float("nan") if poison["on"] else o)
-cfg = SimpleNamespace(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0, schedule="none",
-                      warmup_epochs=0.0, label_smoothing=0.0)
+cfg = SimpleNamespace(
+    optimizer="sgd",
+    lr=0.1,
+    momentum=0.9,
+    nesterov=False,
+    weight_decay=0.0,
+    schedule="none",
+    warmup_epochs=0.0,
+    label_smoothing=0.0,
+)
 opt = build_optimizer(cfg, net.parameters())
 sched = build_scheduler(cfg, opt, total_steps=10, steps_per_epoch=10)
 net, opt = acc.prepare(net, opt)
-run = SimpleNamespace(accelerator=acc, cfg=cfg, model=net, optimizer=opt, scheduler=sched,
-                      augment=BatchAugment([0.5] * 3, [0.25] * 3, acc.device, padding=0, flip=False),
-                      guard=StepGuard(acc, StopRequest(), max_bad_steps=3))
+run = SimpleNamespace(
+    accelerator=acc,
+    cfg=cfg,
+    model=net,
+    optimizer=opt,
+    scheduler=sched,
+    augment=BatchAugment([0.5] * 3, [0.25] * 3, acc.device, padding=0, flip=False),
+    guard=StepGuard(acc, StopRequest(), max_bad_steps=3),
+)
 g = torch.Generator().manual_seed(acc.process_index)
 
 
@@ -45,9 +60,14 @@ for step in range(5):
     snapshots.append((before, flat()))
 final = acc.gather(flat()[None]).cpu()
 if acc.is_main_process:
-    json.dump({"bad_steps": run.guard.bad_steps,
-               "unchanged_by_bad_step": bool(torch.equal(*snapshots[2])),
-               "trained_after": bool(not torch.equal(*snapshots[3])),
-               "ranks_agree": bool(torch.equal(final[0], final[1])),
-               "finite": bool(torch.isfinite(final).all())}, open(sys.argv[1], "w"))
+    json.dump(
+        {
+            "bad_steps": run.guard.bad_steps,
+            "unchanged_by_bad_step": bool(torch.equal(*snapshots[2])),
+            "trained_after": bool(not torch.equal(*snapshots[3])),
+            "ranks_agree": bool(torch.equal(final[0], final[1])),
+            "finite": bool(torch.isfinite(final).all()),
+        },
+        open(sys.argv[1], "w"),
+    )
 end_run(acc)

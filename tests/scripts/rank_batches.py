@@ -14,11 +14,16 @@ from resnet_dist.storage import read_index
 data, out, workers, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 acc = Accelerator(cpu=True)
 index = read_index(data)
-stream = ShardStream(data, index, "train", batch_size=batch, rank=acc.process_index, world_size=acc.num_processes,
-                     train=True, seed=0)
+stream = ShardStream(
+    data, index, "train", batch_size=batch, rank=acc.process_index, world_size=acc.num_processes, train=True, seed=0
+)
 stream.set_epoch(0)
-images = [hashlib.sha1(img.numpy().tobytes()).hexdigest()
-          for x, *_ in make_loader(stream, workers, pin_memory=False) for img in x]
-(out / f"rank-{acc.process_index}.json").write_text(json.dumps(
-    {"world_size": acc.num_processes, "batches": len(images) // batch, "images": images}))
+images = [
+    hashlib.sha1(img.numpy().tobytes()).hexdigest()
+    for x, *_ in make_loader(stream, workers, pin_memory=False)
+    for img in x
+]
+(out / f"rank-{acc.process_index}.json").write_text(
+    json.dumps({"world_size": acc.num_processes, "batches": len(images) // batch, "images": images})
+)
 end_run(acc)

@@ -24,8 +24,12 @@ from resnet_dist.errors import run_cli
 def main(argv: list[str]) -> int:
     cpu_flag, outdir = argv
     accelerator = Accelerator(cpu=cpu_flag == "yes")
-    seen = {"WORLD_SIZE": os.environ.get("WORLD_SIZE"), "num_processes": accelerator.num_processes,
-            "process_index": accelerator.process_index, "device": str(accelerator.device)}
+    seen = {
+        "WORLD_SIZE": os.environ.get("WORLD_SIZE"),
+        "num_processes": accelerator.num_processes,
+        "process_index": accelerator.process_index,
+        "device": str(accelerator.device),
+    }
     Path(outdir, f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(seen))
     try:
         check_world_size(accelerator)
