@@ -20,7 +20,7 @@ from pathlib import Path
 
 from resnet_dist.config import TrainConfig
 from resnet_dist.errors import OneLineParser, TrainingError, UsageError, run_cli
-from resnet_dist.report import report, print_table
+from resnet_dist.report import print_table, report
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 KINDS = {"int": int, "float": float, "str": str, "bool": None}

@@ -35,11 +35,11 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from .augment import BatchAugment
-from .errors import OneLineParser, UsageError, run_cli
-from .hardware import cpu_flags, cpu_has_bf16
-from .index import DatasetIndex
-from .storage import read_index
+from resnet_dist.augment import BatchAugment
+from resnet_dist.errors import OneLineParser, UsageError, run_cli
+from resnet_dist.hardware import cpu_flags, cpu_has_bf16
+from resnet_dist.index import DatasetIndex
+from resnet_dist.storage import read_index
 
 SUITES = ("loader", "step", "e2e", "scaling")
 ROW_KEYS = ("suite", "case", "ours", "baseline", "baseline_name", "ratio", "unit")
@@ -84,7 +84,7 @@ KINDS = {
 DEFAULT_KINDS = "gray28,rgb32,jpeg64"
 
 
-# --- rows, statistics, the machine -------------------------------------------------------------
+# --- rows, statistics, the machine ----------------------------------------------------------------
 
 
 def make_row(suite: str, case: str, ours: float, baseline: float, baseline_name: str, unit: str, **extra) -> dict:
@@ -158,7 +158,7 @@ def machine_record() -> dict:
     }
 
 
-# --- data: synthetic shards, the ImageFolder tree, the split in memory ----------------------
+# --- data: synthetic shards, the ImageFolder tree, the split in memory ----------------------------
 
 
 def kind_of(index: DatasetIndex) -> str:
@@ -240,14 +240,14 @@ def extract_imagefolder(base: Path, index: DatasetIndex, split: str, dest: Path)
 
 def load_split(base: Path, index: DatasetIndex, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split decoded to uint8 NHWC in memory, through our own reader."""
-    from .data import ShardStream
+    from resnet_dist.data import ShardStream
 
     stream = ShardStream(str(base), index, split, batch_size=1024, rank=0, world_size=1, train=False)
     images, labels = zip(*((x, y) for x, y, *_ in stream))  # each batch: images, labels, lost, problems
     return torch.cat(images), torch.cat(labels)
 
 
-# --- loader suite --------------------------------------------------------------------------
+# --- loader suite ---------------------------------------------------------------------------------
 
 
 def notebook_transform(index: DatasetIndex, padding: int):
@@ -275,7 +275,7 @@ def ours_batches(
     base: Path, index: DatasetIndex, batch: int, workers: int, epoch: int, augment: BatchAugment
 ) -> Iterator:
     """Our path: ShardStream workers decode to uint8, the batch is augmented on the device."""
-    from .data import ShardStream, make_loader
+    from resnet_dist.data import ShardStream, make_loader
 
     stream = ShardStream(str(base), index, "train", batch_size=batch, rank=0, world_size=1, train=True, seed=epoch)
     stream.set_epoch(epoch)
@@ -286,7 +286,7 @@ def ours_batches(
 
 def decode_batches(base: Path, index: DatasetIndex, batch: int, epoch: int) -> Iterator:
     """Our worker's work alone (decode + collate uint8), in this process: the per-core rate."""
-    from .data import ShardStream
+    from resnet_dist.data import ShardStream
 
     stream = ShardStream(str(base), index, "train", batch_size=batch, rank=0, world_size=1, train=True, seed=epoch)
     stream.set_epoch(epoch)
@@ -329,7 +329,7 @@ def previous_collate(items):
 
 def previous_decode_batches(base: Path, index: DatasetIndex, batch: int, epoch: int) -> Iterator:
     """decode_batches with the previous tar reading, decoding and collate swapped in: the same-run before/after."""
-    from . import data
+    from resnet_dist import data
 
     saved = data.tar_samples, data.decode_image, data.collate
     data.tar_samples, data.decode_image, data.collate = previous_tar_samples, previous_decode_image, previous_collate
@@ -504,7 +504,7 @@ def loader_suite(args, data: dict, tmp: Path) -> list[dict]:
     return rows
 
 
-# --- step suite ------------------------------------------------------------------------------
+# --- step suite -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -517,7 +517,7 @@ class StepSetup:
 
 
 def build_net(args, num_classes: int, channels: int, channels_last: bool) -> torch.nn.Module:
-    from .models import build_model
+    from resnet_dist.models import build_model
 
     torch.manual_seed(0)
     model = build_model(
@@ -548,7 +548,7 @@ def run_like(acc, model, optimizer, scheduler, augment: BatchAugment) -> SimpleN
         augment=augment,
     )
     try:  # the reliability work adds a per-step guard to Run: time it as the trainer runs it
-        from .guard import StepGuard, StopRequest
+        from resnet_dist.guard import StepGuard, StopRequest
     except ImportError:
         return run
     run.guard = StepGuard(acc, StopRequest(), max_bad_steps=0)
@@ -576,7 +576,7 @@ def our_step_timer(
     args, setup: StepSetup, images: torch.Tensor, labels: torch.Tensor, mean, std
 ) -> Callable[[], float]:
     """Times engine.train_step, the trainer's own step, with a Run-like object around a prepared model."""
-    from .engine import train_step
+    from resnet_dist.engine import train_step
 
     model = build_net(args, 10, images.shape[-1], setup.channels_last)
     if setup.compile:
@@ -728,7 +728,7 @@ def compile_rows(args, eager: StepSetup, images, labels, mean, std, model: str) 
     return rows
 
 
-# --- e2e suite -------------------------------------------------------------------------------
+# --- e2e suite ------------------------------------------------------------------------------------
 
 
 def e2e_suite(args, data: dict, tmp: Path) -> list[dict]:
@@ -742,10 +742,10 @@ def e2e_suite(args, data: dict, tmp: Path) -> list[dict]:
 def e2e_kind(args, kind_name: str, base: Path, index: DatasetIndex, out: Path) -> dict:
     """The trainer's own epoch (setup + train_one_epoch, streaming, its worker processes) vs the same
     epoch's batches taken from the split held in memory as uint8, through the same train_step."""
-    from .config import TrainConfig
-    from .engine import seed_step, train_one_epoch, train_step
-    from .trainer import setup
-    from .tracking import Reporter
+    from resnet_dist.config import TrainConfig
+    from resnet_dist.engine import seed_step, train_one_epoch, train_step
+    from resnet_dist.tracking import Reporter
+    from resnet_dist.trainer import setup
 
     cfg = TrainConfig(
         data=str(base),
@@ -801,7 +801,7 @@ def e2e_kind(args, kind_name: str, base: Path, index: DatasetIndex, out: Path) -
     )
 
 
-# --- scaling suite ----------------------------------------------------------------------------
+# --- scaling suite --------------------------------------------------------------------------------
 
 
 def scaling_suite(args, tmp: Path) -> list[dict]:
@@ -911,7 +911,7 @@ def scaling_worker(args) -> None:
     """
     import torch.distributed as dist
 
-    from .engine import train_step
+    from resnet_dist.engine import train_step
 
     torch.set_num_threads(args.threads)
     acc = fresh_accelerator(args.precision)
@@ -973,7 +973,7 @@ def scaling_worker(args) -> None:
     acc.end_training()
 
 
-# --- output -----------------------------------------------------------------------------------
+# --- output ---------------------------------------------------------------------------------------
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -1026,7 +1026,7 @@ def table(rows: list[dict], machine: dict) -> Table:
     return t
 
 
-# --- command line -----------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------------
 
 
 def int_list(text: str) -> list[int]:
@@ -1121,7 +1121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check(args) -> None:
-    from .models import MODELS
+    from resnet_dist.models import MODELS
 
     if args.model not in MODELS:
         raise UsageError(f"--model must be one of {', '.join(MODELS)} (got {args.model!r})")

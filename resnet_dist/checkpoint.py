@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import DataError
+from resnet_dist.errors import DataError
 
 
 def _fsync_dir(path: Path) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
-from .errors import UsageError
-from .models import MODELS
-from .recipes import RECIPES
+from resnet_dist.errors import UsageError
+from resnet_dist.models import MODELS
+from resnet_dist.recipes import RECIPES
 
 
 def opt(default, help: str, choices: Sequence[str] | None = None):

@@ -19,9 +19,9 @@ import math
 import re
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import cycle, islice
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tv
 
-from .errors import DataError
-from .guard import ignore_stop_signals
-from .index import DatasetIndex, ShardInfo, SplitInfo
-from .storage import read_bytes
+from resnet_dist.errors import DataError
+from resnet_dist.guard import ignore_stop_signals
+from resnet_dist.index import DatasetIndex, ShardInfo, SplitInfo
+from resnet_dist.storage import read_bytes
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
 
@@ -89,7 +89,7 @@ def worker_batches(num_batches: int, worker: int, num_workers: int) -> range:
     return range(worker, num_batches, num_workers)
 
 
-# --- decoding -----------------------------------------------------------------------------------------
+# --- decoding -------------------------------------------------------------------------------------
 # torchvision.io (libpng, libjpeg-turbo) decodes straight to a uint8 tensor, skipping PIL's Image
 # objects: per core, with the tar reader, 2.1x at 64 px JPEG and 1.4x at 28 px PNG, where the safety
 # check below costs a third of the decode (docs/performance.md, section 1). It is
@@ -190,7 +190,7 @@ def shard_problem(data: bytes, shard: ShardInfo) -> str | None:
     return None
 
 
-# --- tar reading ------------------------------------------------------------------------------------
+# --- tar reading ----------------------------------------------------------------------------------
 # Why not webdataset's tar iterator: it goes through Python's tarfile, whose per-member header parsing
 # (TarInfo.frombuf, nti, nts) was half of a loader worker's time on 28 px PNG shards, where a sample is
 # two 512-byte headers around ~500 bytes of payload. Measured (docs/performance.md, section 1): 9.5 us

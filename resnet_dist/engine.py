@@ -14,16 +14,16 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 
-from .augment import BatchAugment
-from .checkpoint import save_checkpoint
-from .config import TrainConfig
-from .data import ShardStream, make_loader
-from .distributed import check_world_size
-from .errors import TrainingError, UsageError
-from .guard import StepGuard
-from .hardware import cpu_has_bf16
-from .index import DatasetIndex
-from .tracking import Meter, Reporter
+from resnet_dist.augment import BatchAugment
+from resnet_dist.checkpoint import save_checkpoint
+from resnet_dist.config import TrainConfig
+from resnet_dist.data import ShardStream, make_loader
+from resnet_dist.distributed import check_world_size
+from resnet_dist.errors import TrainingError, UsageError
+from resnet_dist.guard import StepGuard
+from resnet_dist.hardware import cpu_has_bf16
+from resnet_dist.index import DatasetIndex
+from resnet_dist.tracking import Meter, Reporter
 
 
 @dataclass

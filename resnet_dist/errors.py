@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Callable, NoReturn, Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 
 class UsageError(Exception):

@@ -15,28 +15,28 @@ import argparse
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .augment import BatchAugment
-from .checkpoint import find_checkpoint, load_weights, write_json_atomic
-from .config import TrainConfig
-from .data import ShardStream
-from .distributed import check_world_size, end_run
-from .engine import evaluate
-from .errors import DataError, OneLineParser, UsageError, run_cli
-from .index import DatasetIndex
-from .models import build_model
-from .storage import check_shards, read_index
+from resnet_dist.augment import BatchAugment
+from resnet_dist.checkpoint import find_checkpoint, load_weights, write_json_atomic
+from resnet_dist.config import TrainConfig
+from resnet_dist.data import ShardStream
+from resnet_dist.distributed import check_world_size, end_run
+from resnet_dist.engine import evaluate
+from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
+from resnet_dist.index import DatasetIndex
+from resnet_dist.models import build_model
+from resnet_dist.storage import check_shards, read_index
 
 TTA_CHOICES = ("none", "flip")
 
 
-# ---------------------------------------------------------------- finding and loading a checkpoint
+# --- finding and loading a checkpoint -------------------------------------------------------------
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -142,7 +142,7 @@ def per_class(confusion, classes: list[str]) -> tuple[list[dict], dict]:
     return rows, macro
 
 
-# ---------------------------------------------------------------- outputs
+# --- outputs --------------------------------------------------------------------------------------
 
 
 def plot_confusion(path: Path, confusion, classes: list[str], title: str) -> None:
@@ -223,7 +223,7 @@ def print_results(result: dict) -> None:
     console.print(f"wrote {Path(result['out']) / 'eval.json'} and {Path(result['out']) / 'confusion.png'}")
 
 
-# ---------------------------------------------------------------- command line
+# --- command line ---------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import TrainingError
+from resnet_dist.errors import TrainingError
 
 
 class Diverged(TrainingError):

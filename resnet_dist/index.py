@@ -91,7 +91,7 @@ class DatasetIndex:
         return obj
 
 
-# --- validation: small checkers that raise DataError naming `where` and the field ---------------
+# --- validation: small checkers that raise DataError naming `where` and the field -----------------
 
 
 def _bad(where: str, what: str) -> DataError:

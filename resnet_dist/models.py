@@ -7,7 +7,7 @@ a CIFAR stem, a base width, input channels, dropout before the classifier.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

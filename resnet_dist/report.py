@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from .checkpoint import find_checkpoint, write_json_atomic
-from .errors import DataError, OneLineParser, UsageError, run_cli
-from .models import build_model
+from resnet_dist.checkpoint import find_checkpoint, write_json_atomic
+from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
+from resnet_dist.models import build_model
 
 # (key, header, kind) of each column, in order; kind says how to format it.
 COLUMNS = [

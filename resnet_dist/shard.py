@@ -22,10 +22,10 @@ import sys
 import tarfile
 import time
 import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -66,7 +66,7 @@ SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 console = Console(stderr=False, highlight=False)
 
 
-# --- pure helpers: splits, order, statistics -------------------------------------------------
+# --- pure helpers: splits, order, statistics ------------------------------------------------------
 
 
 def split_seed(seed: int, split: str) -> np.random.Generator:
@@ -130,7 +130,7 @@ class PixelStats:
         return mean, std
 
 
-# --- tar framing ------------------------------------------------------------------------------
+# --- tar framing ----------------------------------------------------------------------------------
 
 # Every member shares mode, owner and mtime; only name, size and checksum vary. A header built
 # from this template is byte-for-byte what tarfile.TarInfo.tobuf(USTAR_FORMAT) gives (tests check
@@ -162,7 +162,7 @@ def tar_end(offset: int) -> bytes:
     return b"\0" * (2 * tarfile.BLOCKSIZE + (-offset % tarfile.RECORDSIZE))
 
 
-# --- encoding one sample (runs in pool workers) ----------------------------------------------
+# --- encoding one sample (runs in pool workers) ---------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -311,7 +311,7 @@ def chunks(split: Split, size: int = CHUNK) -> Iterator[Split]:
         yield split.take(np.arange(start, min(start + size, len(split))))
 
 
-# --- writing shards --------------------------------------------------------------------------
+# --- writing shards -------------------------------------------------------------------------------
 
 
 def sha256_file(path: Path) -> str:
@@ -396,7 +396,8 @@ def prepare_out_dir(folder: Path, overwrite: bool) -> None:
     found = existing_outputs(folder)
     if found and not overwrite:
         raise UsageError(
-            f"{folder} already holds shards ({len(found)} files, e.g. {found[0].name}): pass --overwrite to replace them"
+            f"{folder} already holds shards ({len(found)} files, e.g. {found[0].name}): "
+            "pass --overwrite to replace them"
         )
     folder.mkdir(parents=True, exist_ok=True)
     # The index goes first: from here on no index points at shards we are about to replace.
@@ -405,7 +406,7 @@ def prepare_out_dir(folder: Path, overwrite: bool) -> None:
     fsync_dir(folder)
 
 
-# --- planning --------------------------------------------------------------------------------
+# --- planning -------------------------------------------------------------------------------------
 
 
 def decide_geometry(
@@ -518,7 +519,7 @@ def arrange_splits(source: Source, args: argparse.Namespace) -> None:
         del source.splits[name]
 
 
-# --- the pack command ------------------------------------------------------------------------
+# --- the pack command -----------------------------------------------------------------------------
 
 
 def stats_split(splits: Iterable[str]) -> str:
@@ -641,19 +642,21 @@ def summarize(index: DatasetIndex, out: Path, seconds: float) -> None:
     h, w = index.image_size
     fmt = lambda xs: "[" + ", ".join(f"{x:.4f}" for x in xs) + "]"  # noqa: E731
     console.print(
-        f"{h}x{w}x{index.channels} {index.format}, {index.num_classes} classes; mean {fmt(index.mean)} std {fmt(index.std)}"
+        f"{h}x{w}x{index.channels} {index.format}, {index.num_classes} classes; "
+        f"mean {fmt(index.mean)} std {fmt(index.std)}"
     )
     console.print(f"{total:,} samples in {seconds:.1f}s ({total / max(seconds, 1e-9):,.0f} samples/s)")
     if index.skipped:
         first = index.skipped[0]
         console.print(
-            f"[yellow]skipped {len(index.skipped)} input(s)[/], e.g. {first['path']}: {first['reason']} (all listed in index.json)"
+            f"[yellow]skipped {len(index.skipped)} input(s)[/], e.g. {first['path']}: {first['reason']} "
+            "(all listed in index.json)"
         )
     for note in index.notes:
         console.print(f"note: {note}")
 
 
-# --- verify ----------------------------------------------------------------------------------
+# --- verify ---------------------------------------------------------------------------------------
 
 
 def read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -756,7 +759,7 @@ def verify(folder: Path) -> list[str]:
     return problems
 
 
-# --- command line ----------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------------
 
 
 def _int_at_least(low: int):

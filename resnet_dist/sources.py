@@ -13,9 +13,9 @@ import gzip
 import os
 import pickle
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -120,7 +120,7 @@ def iter_samples(split: Split) -> Iterator[Sample]:
         yield Sample(rel, label, c, data=data, ext=Path(rel).suffix.lower().lstrip("."))
 
 
-# --- CIFAR ----------------------------------------------------------------------------------
+# --- CIFAR ----------------------------------------------------------------------------------------
 
 
 def _str_keys(obj: dict) -> dict:
@@ -234,7 +234,7 @@ def read_cifar100(root: Path) -> Source:
     )
 
 
-# --- IDX (MNIST, Fashion-MNIST) --------------------------------------------------------------
+# --- IDX (MNIST, Fashion-MNIST) -------------------------------------------------------------------
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -312,7 +312,7 @@ def read_fashion_mnist(root: Path) -> Source:
     return _read_idx_source("fashion-mnist", FASHION_MNIST_CLASSES, root, "FashionMNIST")
 
 
-# --- Tiny ImageNet ---------------------------------------------------------------------------
+# --- Tiny ImageNet --------------------------------------------------------------------------------
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -399,7 +399,7 @@ def read_tiny_imagenet(root: Path) -> Source:
     return source
 
 
-# --- ImageFolder -----------------------------------------------------------------------------
+# --- ImageFolder ----------------------------------------------------------------------------------
 
 
 def read_imagefolder(root: Path) -> Source:
@@ -447,7 +447,7 @@ def _non_images(folder: Path, base: Path) -> list[str]:
     return found
 
 
-# --- synthetic -------------------------------------------------------------------------------
+# --- synthetic ------------------------------------------------------------------------------------
 
 
 def synthetic_images(labels: np.ndarray, size: int, channels: int, num_classes: int, seed: int) -> np.ndarray:

@@ -21,12 +21,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Callable, TypeVar
+from typing import BinaryIO, TypeVar
 
-from .errors import DataError, UsageError
-from .index import DatasetIndex, ShardInfo, parse_index
+from resnet_dist.errors import DataError, UsageError
+from resnet_dist.index import DatasetIndex, ShardInfo, parse_index
 
 ENV_RETRIES = "RESNET_DIST_HTTP_RETRIES"  # total tries per request, including the first
 ENV_TIMEOUT = "RESNET_DIST_HTTP_TIMEOUT"  # seconds for the connect and for each blocking read
@@ -56,7 +57,7 @@ def _join(base: str, name: str) -> str:
     return str(Path(base) / name)
 
 
-# --- settings ------------------------------------------------------------------------------------
+# --- settings -------------------------------------------------------------------------------------
 
 
 def _env_number(name: str, default: float, kind: type, minimum: float, strict: bool) -> float:
@@ -82,7 +83,7 @@ def http_settings() -> tuple[int, float, float]:
     return tries, timeout, backoff
 
 
-# --- the retrying HTTP core ----------------------------------------------------------------------
+# --- the retrying HTTP core -----------------------------------------------------------------------
 
 
 class HTTPStatusError(DataError):
@@ -200,7 +201,7 @@ def fetch(url: str) -> bytes:
     return _retrying(url, lambda timeout: _get_whole(url, timeout))
 
 
-# --- public API ----------------------------------------------------------------------------------
+# --- public API -----------------------------------------------------------------------------------
 
 
 def read_bytes(base: str, name: str) -> bytes:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .checkpoint import write_json_atomic
+from resnet_dist.checkpoint import write_json_atomic
 
 
 class Meter:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .augment import BatchAugment
-from .checkpoint import find_checkpoint, load_checkpoint, write_json_atomic
-from .config import TrainConfig, parse_args
-from .data import ShardStream
-from .distributed import convert_sync_batchnorm, end_run
-from .engine import (
+from resnet_dist.augment import BatchAugment
+from resnet_dist.checkpoint import find_checkpoint, load_checkpoint, write_json_atomic
+from resnet_dist.config import TrainConfig, parse_args
+from resnet_dist.data import ShardStream
+from resnet_dist.distributed import convert_sync_batchnorm, end_run
+from resnet_dist.engine import (
     Run,
     bare,
     evaluate,
@@ -29,13 +29,13 @@ from .engine import (
     save,
     train_one_epoch,
 )
-from .errors import Interrupted, TrainingError, UsageError
-from .guard import Diverged, StepGuard, StopRequest, is_collective_timeout, name_silent_ranks
-from .models import build_model, count_parameters
-from .optim import build_optimizer, build_scheduler
-from .recipes import RECIPES, scaled_lr
-from .storage import check_shards, read_index
-from .tracking import Reporter, plot_history, wandb_init_kwargs, write_history
+from resnet_dist.errors import Interrupted, TrainingError, UsageError
+from resnet_dist.guard import Diverged, StepGuard, StopRequest, is_collective_timeout, name_silent_ranks
+from resnet_dist.models import build_model, count_parameters
+from resnet_dist.optim import build_optimizer, build_scheduler
+from resnet_dist.recipes import RECIPES, scaled_lr
+from resnet_dist.storage import check_shards, read_index
+from resnet_dist.tracking import Reporter, plot_history, wandb_init_kwargs, write_history
 
 # Settings a resumed run must share with its checkpoint: they fix the model, the data order or the
 # schedule, so changing them would silently make a different run.

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# --- Python 2 pickles, as cPickle wrote the CIFAR batches ------------------------------------
+# --- Python 2 pickles, as cPickle wrote the CIFAR batches -----------------------------------------
 
 
 class Py2Pickler(pickle._Pickler):
@@ -121,7 +121,7 @@ def make_cifar100(root: Path, train: int = 30, test: int = 10, seed: int = 0) ->
     return truth
 
 
-# --- IDX -------------------------------------------------------------------------------------
+# --- IDX ------------------------------------------------------------------------------------------
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -148,7 +148,7 @@ def make_idx(folder: Path, train: int = 40, test: int = 12, gz: bool = True, see
     return truth
 
 
-# --- encoded image files ---------------------------------------------------------------------
+# --- encoded image files --------------------------------------------------------------------------
 
 
 def noise_image(rng: np.random.Generator, mode: str, size: tuple[int, int]) -> Image.Image:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run_env
 
 ROW_KEYS = {"suite", "case", "ours", "baseline", "baseline_name", "ratio", "unit"}

@@ -4,8 +4,8 @@ import hashlib
 from collections import Counter
 
 import pytest
-
 from conftest import shard
+
 from resnet_dist.data import ShardStream, epoch_shard_order, make_loader, pieces_for_range
 from resnet_dist.index import ShardInfo, SplitInfo
 from resnet_dist.storage import read_index

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import CPU_DDP, ROOT, TRAIN, free_port, read_json, run_env, shard
+
 from resnet_dist.augment import BatchAugment
 from resnet_dist.data import ShardStream, make_loader
 from resnet_dist.errors import run_cli

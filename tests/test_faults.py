@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import CPU_DDP, ROOT, TRAIN, free_port, read_json, run_env, shard, train
 from safetensors.torch import load_file
 
-from conftest import CPU_DDP, ROOT, TRAIN, free_port, read_json, run_env, shard, train
 from resnet_dist.checkpoint import find_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -19,8 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
+
 from resnet_dist.errors import DataError, UsageError
 from resnet_dist.storage import check_shards, open_shard, read_bytes, read_index
 
@@ -284,7 +284,7 @@ def test_read_index_gives_up_clearly(server, monkeypatch):
         read_index(server.url)
 
 
-# --- check_shards over HTTP: one HEAD per shard -----------------------------------------------
+# --- check_shards over HTTP: one HEAD per shard ---------------------------------------------------
 
 
 @pytest.fixture

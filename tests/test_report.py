@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, read_json, run_env
 
 pytestmark = pytest.mark.slow

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-# --- helpers -----------------------------------------------------------------------------------
+# --- helpers --------------------------------------------------------------------------------------
 
 
 def pack(*argv: str | Path) -> int:
@@ -115,7 +115,7 @@ def shas(out: Path) -> dict[str, str]:
     return {s.file: s.sha256 for split in load_index(out).splits.values() for s in split.shards}
 
 
-# --- tar framing -------------------------------------------------------------------------------
+# --- tar framing ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_tar_member_is_what_tarfile_writes(name, size):
     assert buf.getvalue() == mine + shard.tar_end(len(mine))
 
 
-# --- round trips, one per source ---------------------------------------------------------------
+# --- round trips, one per source ------------------------------------------------------------------
 
 
 def test_cifar10_round_trip_stats_and_verify(tmp_path):
@@ -274,7 +274,7 @@ def test_synthetic_jpeg(tmp_path):
     assert shard.verify(out) == []
 
 
-# --- splitting, order, determinism -------------------------------------------------------------
+# --- splitting, order, determinism ----------------------------------------------------------------
 
 
 def test_val_split_is_stratified_and_disjoint(tmp_path):
@@ -370,7 +370,7 @@ def test_limit(tmp_path):
     assert {k: v.num_samples for k, v in load_index(out).splits.items()} == {"train": 15, "test": 15}
 
 
-# --- output folder safety ----------------------------------------------------------------------
+# --- output folder safety -------------------------------------------------------------------------
 
 
 def test_existing_shards_refused_without_overwrite(tmp_path):
@@ -405,7 +405,7 @@ def test_interrupted_write_leaves_no_index(tmp_path, monkeypatch):
     assert names == ["train-000000.tar", "train-000001.tar"]  # no index, no temporary file
 
 
-# --- verify ------------------------------------------------------------------------------------
+# --- verify ---------------------------------------------------------------------------------------
 
 
 def test_verify_catches_a_single_flipped_byte(tmp_path):
@@ -453,7 +453,7 @@ def test_verify_without_index_exits_2(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "index.json not found" in result.stderr
 
 
-# --- bad input on the command line -------------------------------------------------------------
+# --- bad input on the command line ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("source", ["cifar10", "cifar100", "mnist", "fashion-mnist", "tiny-imagenet", "imagefolder"])
@@ -482,7 +482,7 @@ def test_bad_options_exit_2(argv):
     assert result.returncode == 2 and "Traceback" not in result.stderr and "error" in result.stderr
 
 
-# --- standard tools read the shards ------------------------------------------------------------
+# --- standard tools read the shards ---------------------------------------------------------------
 
 
 def test_plain_tar_and_plain_webdataset_read_the_shards(tmp_path):
@@ -504,7 +504,7 @@ def test_plain_tar_and_plain_webdataset_read_the_shards(tmp_path):
     assert isinstance(first["cls"], int) and isinstance(first["coarse.cls"], int)
 
 
-# --- the real thing ----------------------------------------------------------------------------
+# --- the real thing -------------------------------------------------------------------------------
 
 
 @pytest.mark.slow

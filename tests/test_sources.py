@@ -16,7 +16,7 @@ import fabricate  # noqa: E402
 from resnet_dist import sources  # noqa: E402
 from resnet_dist.errors import DataError, UsageError  # noqa: E402
 
-# --- CIFAR -------------------------------------------------------------------------------------
+# --- CIFAR ----------------------------------------------------------------------------------------
 
 
 def test_fabricated_cifar_pickle_is_python2_shaped(tmp_path):
@@ -79,7 +79,7 @@ def test_cifar_damaged_batch_is_a_data_error(tmp_path):
         sources.read_cifar10(tmp_path)
 
 
-# --- IDX -------------------------------------------------------------------------------------
+# --- IDX ------------------------------------------------------------------------------------------
 
 
 def test_idx_gzipped_and_plain_read_the_same(tmp_path):
@@ -115,7 +115,7 @@ def test_idx_bad_magic(tmp_path):
         sources.read_idx(path)
 
 
-# --- Tiny ImageNet -----------------------------------------------------------------------------
+# --- Tiny ImageNet --------------------------------------------------------------------------------
 
 
 def test_read_tiny_imagenet(tmp_path):
@@ -155,7 +155,7 @@ def test_tiny_imagenet_unknown_wnid(tmp_path):
         sources.read_tiny_imagenet(tmp_path)
 
 
-# --- ImageFolder -------------------------------------------------------------------------------
+# --- ImageFolder ----------------------------------------------------------------------------------
 
 
 def test_read_messy_imagefolder(tmp_path):
@@ -179,7 +179,7 @@ def test_imagefolder_without_split_level(tmp_path):
         sources.read_imagefolder(tmp_path)
 
 
-# --- synthetic ---------------------------------------------------------------------------------
+# --- synthetic ------------------------------------------------------------------------------------
 
 
 def test_synthetic_is_deterministic_and_class_dependent():
@@ -194,7 +194,7 @@ def test_synthetic_is_deterministic_and_class_dependent():
     assert gray.splits["train"].images.shape == (9, 8, 8)
 
 
-# --- wrong roots -------------------------------------------------------------------------------
+# --- wrong roots ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(sources.READERS))

@@ -7,8 +7,8 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
 from conftest import read_json, train
+
 from resnet_dist.data import ShardStream, make_loader
 from resnet_dist.errors import DataError
 from resnet_dist.storage import check_shards, read_index

@@ -10,9 +10,9 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import shard
 from PIL import Image
 
-from conftest import shard
 from resnet_dist.data import Piece, collate, decode_image, png_is_sound, tar_members, tar_samples
 from resnet_dist.errors import DataError
 

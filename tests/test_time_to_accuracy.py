@@ -8,9 +8,8 @@ import shlex
 import subprocess
 import sys
 
-import pytest
-
 import fabricate
+import pytest
 from conftest import CPU_DDP, ROOT, free_port, read_json, run_env
 
 SCRIPT = ROOT / "launch" / "time_to_accuracy.py"

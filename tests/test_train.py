@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, TRAIN, launch, read_json, run_env, shard, train
-from resnet_dist.hardware import cpu_has_bf16
+from safetensors.torch import load_file
 from wandb_log import config, history, run_file, summary
+
+from resnet_dist.hardware import cpu_has_bf16
 
 pytestmark = pytest.mark.slow
 TINY = ["--width", "8", "--batch-size", "16", "--lr", "0.05", "--num-workers", "1", "--log-every", "5"]
