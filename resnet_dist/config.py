@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata['help']} (default: {f.default if f.default != '' else 'none'})"
+        # argparse %-formats help texts: a literal "%" (as in "2-33% of the area") must be doubled.
+        help_ = f"{f.metadata['help']} (default: {f.default if f.default != '' else 'none'})".replace("%", "%%")
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
         else:
