@@ -84,12 +84,10 @@ class TrainConfig:
     cpu_bf16: str = opt(
         "auto",
         "auto: on a CPU with AVX-512-BF16/AMX, bf16 autocast when the launcher asked for no "
-        "mixed precision (2.3-2.4x faster here); off: keep fp32",
+        "mixed precision; off: keep fp32",
         ("auto", "off"),
     )
-    compile: bool = opt(
-        False, "torch.compile the model (1.00x on this CPU after ~40 s of compiling, so off by default)"
-    )
+    compile: bool = opt(False, "torch.compile the model (compiling delays the first steps)")
     # run control
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs); for smoke runs")
     seed: int = opt(0, "seed for init, data order and augmentation")
