@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from resnet_dist.errors import UsageError
+from resnet_dist.errors import OneLineParser, UsageError
 from resnet_dist.models import MODELS
 from resnet_dist.recipes import RECIPES
 
@@ -111,7 +111,7 @@ class TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     """Every TrainConfig field as a flag. Defaults are suppressed so that parse_args can tell the flags a
     user gave (which override a recipe) from the ones left out (which a recipe may set)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="accelerate launch launch/train.py",
         argument_default=argparse.SUPPRESS,
         description="Train a ResNet on WebDataset shards with Accelerate (DDP, mixed precision, SyncBN).",
