@@ -31,7 +31,7 @@ CPU_CONFIG = HERE.parent / "accelerate_configs" / "cpu_ddp.yaml"
 
 def parse(argv) -> argparse.Namespace:
     # No abbreviations: unknown flags go to the trainer, and --b must not silently become --budget.
-    p = OneLineParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = OneLineParser(prog="launch/time_to_accuracy.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--recipe", default="fashion-mnist-15min", choices=sorted(RECIPES))
     p.add_argument("--source", default="fashion-mnist", help="source for python -m resnet_dist.shard")
     p.add_argument("--root", default="/usr/share/datasets/fashion-mnist", help="the source's files")

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from resnet_dist.errors import UsageError
+from resnet_dist.errors import OneLineParser, UsageError
 from resnet_dist.models import MODELS
 from resnet_dist.recipes import RECIPES
 
@@ -84,12 +84,10 @@ class TrainConfig:
     cpu_bf16: str = opt(
         "auto",
         "auto: on a CPU with AVX-512-BF16/AMX, bf16 autocast when the launcher asked for no "
-        "mixed precision (2.3-2.4x faster here); off: keep fp32",
+        "mixed precision; off: keep fp32",
         ("auto", "off"),
     )
-    compile: bool = opt(
-        False, "torch.compile the model (1.00x on this CPU after ~40 s of compiling, so off by default)"
-    )
+    compile: bool = opt(False, "torch.compile the model (compiling delays the first steps)")
     # run control
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs); for smoke runs")
     seed: int = opt(0, "seed for init, data order and augmentation")
@@ -113,14 +111,15 @@ class TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     """Every TrainConfig field as a flag. Defaults are suppressed so that parse_args can tell the flags a
     user gave (which override a recipe) from the ones left out (which a recipe may set)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="accelerate launch launch/train.py",
         argument_default=argparse.SUPPRESS,
         description="Train a ResNet on WebDataset shards with Accelerate (DDP, mixed precision, SyncBN).",
     )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata['help']} (default: {f.default if f.default != '' else 'none'})"
+        # argparse %-formats help texts: a literal "%" (as in "2-33% of the area") must be doubled.
+        help_ = f"{f.metadata['help']} (default: {f.default if f.default != '' else 'none'})".replace("%", "%%")
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
         else:

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from resnet_dist import __version__
-from resnet_dist.errors import DataError, UsageError, run_cli
+from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
 from resnet_dist.index import (
     INDEX_NAME,
     DatasetIndex,
@@ -786,7 +786,7 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m resnet_dist.shard",
         description="Pack an image dataset into WebDataset shards + index.json. "
         "`python -m resnet_dist.shard verify DIR` re-checks a packed folder.",
@@ -865,7 +865,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["verify"]:
-        vp = argparse.ArgumentParser(
+        vp = OneLineParser(
             prog="python -m resnet_dist.shard verify", description="Re-read every shard of a packed folder."
         )
         vp.add_argument("dir", type=Path, help="folder holding index.json and the shards")

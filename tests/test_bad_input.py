@@ -1,11 +1,17 @@
 """A table of bad invocations of both commands: each gets exactly one clear line on stderr and exit code 2,
-never a traceback, before any work is done."""
+never a traceback or a usage block, before any work is done. And `--help` still prints the whole help."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import importlib.util
+from pathlib import Path
+
 import pytest
 
-from resnet_dist.errors import run_cli
+from resnet_dist.config import TrainConfig
+from resnet_dist.errors import OneLineParser, UsageError, run_cli
 from resnet_dist.shard import main as shard_main
 from resnet_dist.trainer import main as train_main
 
@@ -14,16 +20,19 @@ T = ["--data", "DATA", "--out", "OUT", "--wandb-mode", "disabled"]
 TRAIN_CASES = [
     ([], "--data is required"),
     (["--data", "DATA"], "--out is required"),
-    ([*T, "--model", "vgg16"], "invalid choice: 'vgg16'"),
-    ([*T, "--stem", "tiny"], "invalid choice: 'tiny'"),
-    ([*T, "--optimizer", "lamb"], "invalid choice: 'lamb'"),
-    ([*T, "--schedule", "linear"], "invalid choice: 'linear'"),
+    ([*T, "--model", "vgg16"], "argument --model: invalid choice: 'vgg16'"),
+    ([*T, "--stem", "tiny"], "argument --stem: invalid choice: 'tiny'"),
+    ([*T, "--stem", "imagenett"], "argument --stem: invalid choice: 'imagenett'"),
+    ([*T, "--optimizer", "lamb"], "argument --optimizer: invalid choice: 'lamb'"),
+    ([*T, "--schedule", "linear"], "argument --schedule: invalid choice: 'linear'"),
+    ([*T, "--schedule", "poly"], "argument --schedule: invalid choice: 'poly'"),
     ([*T, "--epochs", "0"], "--epochs must be positive"),
-    ([*T, "--epochs", "two"], "invalid int value: 'two'"),
+    ([*T, "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    ([*T, "--epochs"], "argument --epochs: expected one argument"),
     ([*T, "--batch-size", "0"], "--batch-size must be positive"),
     ([*T, "--grad-accum", "0"], "--grad-accum must be at least 1"),
     ([*T, "--lr", "-0.1"], "--lr must be positive"),
-    ([*T, "--lr", "fast"], "invalid float value: 'fast'"),
+    ([*T, "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
     ([*T, "--width", "-1"], "--width must be positive"),
     ([*T, "--dropout", "1"], "--dropout must be in [0, 1)"),
     ([*T, "--weight-decay=-1e-4"], "--weight-decay must be >= 0"),
@@ -33,28 +42,40 @@ TRAIN_CASES = [
     ([*T, "--collective-timeout", "0"], "--collective-timeout must be positive"),
     ([*T, "--random-erase", "1.5"], "--random-erase must be in [0, 1]"),
     ([*T, "--eval-every", "0"], "--eval-every must be positive"),
-    ([*T, "--eval-tta", "crop"], "invalid choice: 'crop'"),
-    ([*T, "--wandb-mode", "cloud"], "invalid choice: 'cloud'"),
+    ([*T, "--eval-tta", "crop"], "argument --eval-tta: invalid choice: 'crop'"),
+    ([*T, "--wandb-mode", "cloud"], "argument --wandb-mode: invalid choice: 'cloud'"),
     ([*T, "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    ([*T, "stray"], "unrecognized arguments: stray"),
 ]
 
 SHARD_CASES = [
     ([], "the following arguments are required: source"),
-    (["imagenet21k", "--root", "ROOT"], "invalid choice: 'imagenet21k'"),
+    (["imagenet21k", "--root", "ROOT"], "argument source: invalid choice: 'imagenet21k'"),
+    (["nosuch", "--root", "ROOT"], "argument source: invalid choice: 'nosuch'"),
     (["cifar10", "--root", "ROOT/missing"], "expected cifar-10-batches-py/"),
     (["cifar100", "--root", "ROOT/missing"], "expected cifar-100-python/"),
     (["mnist", "--root", "ROOT/missing"], "train-images-idx3-ubyte"),
     (["tiny-imagenet", "--root", "ROOT/missing"], "wnids.txt"),
     (["imagefolder", "--root", "ROOT/missing"], "missing is not a folder: expected ROOT/<split>/<class>/<image>"),
-    (["synthetic", "--shard-size", "0"], "--shard-size"),
-    (["synthetic", "--val-fraction", "1.5"], "--val-fraction"),
-    (["synthetic", "--channels", "2"], "invalid choice: 2"),
-    (["synthetic", "--format", "gif"], "invalid choice: 'gif'"),
-    (["synthetic", "--workers", "0"], "--workers"),
+    (["synthetic", "--shard-size", "0"], "argument --shard-size: must be >= 1, got 0"),
+    (["synthetic", "--shard-size", "many"], "argument --shard-size: expected an integer, got 'many'"),
+    (["synthetic", "--val-fraction", "1.5"], "argument --val-fraction: must be between 0 and 1"),
+    (["synthetic", "--channels", "2"], "argument --channels: invalid choice: 2"),
+    (["synthetic", "--format", "gif"], "argument --format: invalid choice: 'gif'"),
+    (["synthetic", "--format", "tiff"], "argument --format: invalid choice: 'tiff'"),
+    (["synthetic", "--workers", "0"], "argument --workers: must be >= 1, got 0"),
+    (["synthetic", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+]
+
+VERIFY_CASES = [
+    (["verify"], "the following arguments are required: dir"),
+    (["verify", "ROOT", "ROOT"], "unrecognized arguments: "),
+    (["verify", "ROOT", "--deep"], "unrecognized arguments: --deep"),
 ]
 
 
-def invoke(main, argv, tmp_path, capsys) -> tuple[int, list[str]]:
+def invoke(main, argv, tmp_path, capsys) -> tuple[int, str]:
+    """(exit code, the whole of stderr), after checking that nothing went to stdout."""
     argv = [
         a.replace("ROOT", str(tmp_path))
         .replace("DATA", str(tmp_path / "no-shards"))
@@ -63,35 +84,100 @@ def invoke(main, argv, tmp_path, capsys) -> tuple[int, list[str]]:
     ]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return exit_info.value.code, [line for line in err.splitlines() if "error:" in line]
+    out, err = capsys.readouterr()
+    assert out == "", out
+    return exit_info.value.code, err
+
+
+def assert_one_error_line(code: int, err: str, message: str) -> None:
+    """Exit 2 and stderr is exactly one `error:` line holding the message: no usage block, no traceback."""
+    assert code == 2, (code, err)
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("error: ") and message in err, err
 
 
 def test_the_table_is_big_enough():
-    assert len(TRAIN_CASES) + len(SHARD_CASES) >= 25
+    assert len(TRAIN_CASES) + len(SHARD_CASES) + len(VERIFY_CASES) >= 45
 
 
 @pytest.mark.parametrize("argv,message", TRAIN_CASES)
 def test_train_bad_invocation(argv, message, tmp_path, capsys):
-    code, lines = invoke(train_main, argv, tmp_path, capsys)
-    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert_one_error_line(*invoke(train_main, argv, tmp_path, capsys), message)
 
 
 def test_train_wrong_data_folder(tmp_path, capsys):
-    code, lines = invoke(train_main, T, tmp_path, capsys)
-    assert (
-        code == 2
-        and lines
-        == [
-            f"error: {tmp_path / 'no-shards'}: no such folder (expected a shard folder made "
-            "by `python -m resnet_dist.shard`)"
-        ]
-        or "no-shards" in lines[0]
+    code, err = invoke(train_main, T, tmp_path, capsys)
+    assert code == 2, err
+    assert err == (
+        f"error: {tmp_path / 'no-shards'}: no such folder (expected a shard folder made by "
+        "`python -m resnet_dist.shard`)\n"
     )
 
 
 @pytest.mark.parametrize("argv,message", SHARD_CASES)
 def test_shard_bad_invocation(argv, message, tmp_path, capsys):
-    code, lines = invoke(shard_main, [*argv, "--out", str(tmp_path / "out")] if argv else argv, tmp_path, capsys)
-    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    argv = [*argv, "--out", str(tmp_path / "out")] if argv else argv
+    assert_one_error_line(*invoke(shard_main, argv, tmp_path, capsys), message)
+
+
+@pytest.mark.parametrize("argv,message", VERIFY_CASES)
+def test_shard_verify_bad_invocation(argv, message, tmp_path, capsys):
+    assert_one_error_line(*invoke(shard_main, argv, tmp_path, capsys), message)
+
+
+def test_subcommands_inherit_the_one_line_parser():
+    """argparse builds subparsers with type(parent) unless told otherwise; a command that grows subcommands
+    keeps one-line errors for them too."""
+    parser = OneLineParser(prog="cmd")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("go").add_argument("--n", type=int)
+    with pytest.raises(UsageError, match="invalid choice: 'stop'"):
+        parser.parse_args(["stop"])
+    with pytest.raises(UsageError, match="argument --n: invalid int value: 'x'"):
+        parser.parse_args(["go", "--n", "x"])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script_main(name: str):
+    """main() of a launch/ script, imported from its file (launch/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def command_main(name: str):
+    if name.startswith("launch/"):
+        return script_main(name.removeprefix("launch/"))
+    return importlib.import_module(f"resnet_dist.{name}").main
+
+
+HELP_CASES = [
+    ("train", [], "accelerate launch launch/train.py", "--cpu-bf16"),
+    ("shard", [], "python -m resnet_dist.shard", "--shard-size"),
+    ("shard", ["verify"], "python -m resnet_dist.shard verify", "folder holding index.json"),
+    ("evaluate", [], "python -m resnet_dist.evaluate", "--tta"),
+    ("report", [], "python -m resnet_dist.report", "RUN_DIR"),
+    ("launch/sweep", [], "launch/sweep.py", "--set"),
+    ("launch/time_to_accuracy", [], "launch/time_to_accuracy.py", "--budget"),
+]
+
+
+@pytest.mark.parametrize("name,before,prog,option", HELP_CASES)
+def test_help_prints_the_whole_help_and_exits_0(name, before, prog, option, capsys):
+    main = train_main if name == "train" else command_main(name)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [*before, "--help"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 0 and err == "", err
+    assert out.startswith(f"usage: {prog} ") and "options:" in out and option in out, out
+
+
+def test_train_help_describes_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(train_main, ["--help"])
+    out = capsys.readouterr().out
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"--{f.name.replace('_', '-')} " not in out]
+    assert not missing, missing

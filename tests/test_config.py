@@ -56,10 +56,10 @@ def test_bad_values_raise_usage_error(args, message):
 )
 def test_bad_flags_get_one_line_and_exit_2(args, message):
     result = run(*args)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+    assert result.returncode == 2, result.stderr
+    # the whole of stderr: one line, no usage block, no traceback
+    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n"), result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
 
 
 def test_crop_larger_than_image_is_refused(synthetic_shards, tmp_path):
@@ -73,7 +73,8 @@ def test_crop_larger_than_image_is_refused(synthetic_shards, tmp_path):
         "--wandb-mode",
         "disabled",
     )
-    assert result.returncode == 2 and "--crop-padding 16 makes no sense for 16x16 images" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == "error: --crop-padding 16 makes no sense for 16x16 images\n", result.stderr
 
 
 def test_defaults_and_bool_flags_parse():

@@ -106,9 +106,10 @@ def test_report_cli(sweep, tmp_path):
 
 
 def one_line_exit_2(result, word):
+    """The whole of stderr is one `error:` line holding the word: no usage block, no traceback."""
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and word in lines[0], result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert word in result.stderr, result.stderr
 
 
 def test_bad_inputs(synthetic_shards, tmp_path):
@@ -117,6 +118,8 @@ def test_bad_inputs(synthetic_shards, tmp_path):
     one_line_exit_2(cmd(str(SWEEP), "--data", "x", "--out", str(tmp_path), "--set", "wd=1"), "not a training setting")
     one_line_exit_2(cmd(str(SWEEP), "--data", "x", "--out", str(tmp_path), "--set", "epochs=two"), "not a valid")
     one_line_exit_2(cmd(str(SWEEP), "--data", "x", "--out", str(tmp_path), "--set", "model=vgg"), "one of")
+    one_line_exit_2(cmd("-m", "resnet_dist.report", "--out", str(tmp_path)), "arguments are required: RUN_DIR")
+    one_line_exit_2(cmd(str(SWEEP), "--data", "x", "--out", str(tmp_path)), "arguments are required: --set")
 
 
 def test_runs_with_the_same_folder_name_get_distinct_names():

@@ -378,7 +378,9 @@ def test_existing_shards_refused_without_overwrite(tmp_path):
     pack("synthetic", "--num-samples", "40", "--image-size", "4", "--shard-size", "5", "--out", out)
     before = shas(out)
     result = cli("synthetic", "--num-samples", "40", "--image-size", "4", "--out", out, "--workers", "1")
-    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {out} already holds shards")
+    assert result.stderr.endswith(": pass --overwrite to replace them\n"), result.stderr
     assert shas(out) == before
     (out / "notes.txt").write_text("mine")
     pack("synthetic", "--num-samples", "40", "--image-size", "4", "--out", out, "--overwrite")
@@ -420,7 +422,9 @@ def test_verify_catches_a_single_flipped_byte(tmp_path):
     assert problems and all("train-000001.tar" in p for p in problems)
     assert any("sha256" in p for p in problems)
     result = cli("verify", out)
-    assert result.returncode == 1 and "train-000001.tar" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()  # the whole of stderr: one line per problem, nothing else
+    assert lines and all(line.startswith("error: train-000001.tar") for line in lines), result.stderr
 
 
 def test_verify_names_each_problem(tmp_path):
@@ -450,7 +454,8 @@ def test_verify_names_each_problem(tmp_path):
 
 def test_verify_without_index_exits_2(tmp_path):
     result = cli("verify", tmp_path)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "index.json not found" in result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: ") and "index.json not found" in result.stderr
 
 
 # --- bad input on the command line ----------------------------------------------------------------
@@ -466,20 +471,22 @@ def test_bad_root_is_one_line_and_exit_2(tmp_path, source):
 
 
 @pytest.mark.parametrize(
-    "argv",
+    "argv,message",
     [
-        ["gif-folder", "--root", "x"],
-        ["synthetic", "--format", "gif"],
-        ["cifar10"],
-        ["synthetic", "--root", "x"],
-        ["synthetic", "--quality", "50"],
-        ["synthetic", "--val-fraction", "1.5"],
-        ["cifar10", "--root", "x", "--num-classes", "3"],
+        (["gif-folder", "--root", "x"], "argument source: invalid choice: 'gif-folder'"),
+        (["synthetic", "--format", "gif"], "argument --format: invalid choice: 'gif'"),
+        (["cifar10"], "cifar10 needs --root PATH"),
+        (["synthetic", "--root", "x"], "synthetic takes no --root"),
+        (["synthetic", "--quality", "50"], "--quality takes 1..95 and only applies with --format jpeg"),
+        (["synthetic", "--val-fraction", "1.5"], "argument --val-fraction: must be between 0 and 1"),
+        (["cifar10", "--root", "x", "--num-classes", "3"], "--num-classes applies to synthetic only"),
     ],
 )
-def test_bad_options_exit_2(argv):
+def test_bad_options_exit_2(argv, message):
     result = cli(*argv)
-    assert result.returncode == 2 and "Traceback" not in result.stderr and "error" in result.stderr
+    assert result.returncode == 2, result.stderr
+    # the whole of stderr: one error line, no usage block, no traceback
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {message}"), result.stderr
 
 
 # --- standard tools read the shards ---------------------------------------------------------------
