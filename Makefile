@@ -8,7 +8,7 @@ FMNIST ?= /usr/share/datasets/fashion-mnist
 SHARDS ?= shards/fashion-mnist
 RUN    ?= runs/demo
 
-.PHONY: install data shards demo test lint format results clean
+.PHONY: install data shards demo test lint format results gpu-check clean
 .DEFAULT_GOAL := demo
 
 $(BIN)/.installed: pyproject.toml
@@ -57,6 +57,11 @@ results: install data
 	$(BIN)/python launch/time_to_accuracy.py --recipe fashion-mnist-15min --goal 94.0 --budget 15 --out results/fm-15min
 	$(BIN)/python launch/time_to_accuracy.py --recipe fashion-mnist-resnet18 --goal 94.9 --budget 60 --out results/fm-60min
 	$(BIN)/python launch/time_to_accuracy.py --plot results/fm-15min results/fm-60min --to results/fashion-mnist-curve.png
+
+# The GPU path on one CUDA machine: both Fashion-MNIST recipes timed from packing, fp16 + SyncBN + resume,
+# torch.compile, the step benchmark. Logs and summary.txt in results/gpu-check (see launch/gpu_check.sh).
+gpu-check: install data
+	OUT=results/gpu-check PYTHON=$(BIN)/python FMNIST=$(FMNIST) bash launch/gpu_check.sh
 
 clean:
 	rm -rf $(RUN) $(SHARDS) results
