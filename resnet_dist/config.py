@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -191,11 +190,3 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
     print_only = given.pop("print_config")
     cfg = resolve(given)
     return validate(cfg, paths=not print_only), print_only
-
-
-def load_config(path) -> TrainConfig:
-    """A config.json written by a run (e.g. to check a resumed run matches)."""
-    with open(path) as f:
-        raw = json.load(f)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in raw.items() if k in known})

@@ -17,7 +17,6 @@ import hashlib
 import io
 import math
 import re
-import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -321,7 +320,7 @@ def read_piece(base: str, piece: Piece, strict: bool) -> list[dict | Lost]:
             raise DataError(problem)
         try:
             samples = list(tar_samples(data, piece))
-        except (tarfile.TarError, ValueError) as exc:  # webdataset re-raises tar damage as it meets it
+        except ValueError as exc:  # tar_members' damaged header or cut member, tar_samples' repeated name
             raise DataError(f"{piece.file}: damaged tar ({exc})") from exc
         if len(samples) < piece.take:
             raise DataError(

@@ -1,65 +1,41 @@
-"""Training and evaluation: the train step, one epoch, evaluation, and the fit loop around them."""
+"""The device side of training: the Accelerator, one train step and exact evaluation.
+
+`Step` holds exactly what a train step uses; nothing here knows the run around it (its state and
+checkpoints are in run.py, the epoch and fit loops in trainer.py).
+"""
 
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from resnet_dist.augment import BatchAugment
-from resnet_dist.checkpoint import save_checkpoint
 from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream, make_loader
 from resnet_dist.distributed import check_world_size
-from resnet_dist.errors import TrainingError, UsageError
+from resnet_dist.errors import UsageError
 from resnet_dist.guard import StepGuard
 from resnet_dist.hardware import cpu_has_bf16
-from resnet_dist.index import DatasetIndex
-from resnet_dist.tracking import Meter, Reporter
 
 
-@dataclass
-class Run:
-    """Everything the loop needs, built once by `setup`."""
+@dataclass(frozen=True)
+class Step:
+    """Exactly what one train step uses, built once by trainer.setup."""
 
-    cfg: TrainConfig
     accelerator: Accelerator
-    index: DatasetIndex
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
     augment: BatchAugment
-    train: ShardStream
-    evals: dict[str, ShardStream]
-    reporter: Reporter
-    run_dir: Path
-    val_split: str | None
-    guard: StepGuard | None = None
-    epoch: int = 0
-    batch: int = 0  # micro-batches done in `epoch` (a multiple of grad_accum)
-    global_step: int = 0  # optimizer steps done
-    best_val: float = -1.0
-    history: list[dict] = field(default_factory=list)
-    wandb_id: str = ""
-    lost_train: int = 0  # train samples that could not be read (replaced in their batch)
-    problems: list[str] = field(default_factory=list)  # data problems not yet reported
-    reported: set[str] = field(default_factory=set)
-
-    @property
-    def optimizer_steps_per_epoch(self) -> int:
-        return self.train.num_batches // self.cfg.grad_accum
-
-    @property
-    def global_batch(self) -> int:
-        return self.cfg.batch_size * self.accelerator.num_processes * self.cfg.grad_accum
+    guard: StepGuard
+    label_smoothing: float
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -101,44 +77,6 @@ def bare(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
-def save(run: Run, name: str, metrics: dict | None = None) -> None:
-    """Checkpoint `name` (last/best) from the main process; every rank waits so none runs ahead.
-
-    A failed write (disk full, folder gone read-only) leaves the previous checkpoint as it was."""
-    acc = run.accelerator
-    if acc.is_main_process:
-        state = {
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            "epoch": run.epoch,
-            "batch": run.batch,
-            "global_step": run.global_step,
-            "best_val": run.best_val,
-            "history": run.history,
-        }
-        meta = {
-            "epoch": run.epoch,
-            "batch": run.batch,
-            "global_step": run.global_step,
-            "world_size": acc.num_processes,
-            "wandb_id": run.wandb_id,
-            "metrics": metrics or {},
-            "config": run.cfg.to_dict(),
-            "classes": run.index.classes,
-            "mean": run.index.mean,
-            "std": run.index.std,
-        }
-        folder = run.run_dir / "checkpoints" / name
-        try:
-            save_checkpoint(folder, bare(acc, run.model), state, meta)
-        except OSError as exc:
-            raise TrainingError(
-                f"cannot write checkpoint {folder}: {exc.strerror or exc}; the previous checkpoint is intact"
-            ) from exc
-    acc.wait_for_everyone()
-
-
 def seed_step(seed: int, epoch: int, batch: int, rank: int, generator: torch.Generator) -> None:
     """Seed dropout and augmentation from the step's coordinates: a resumed run draws the same numbers."""
     value = int(np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1)[0])
@@ -151,125 +89,23 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
     return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
 
 
-def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None):
     """One micro-batch: augment on the device, forward, backward; an optimizer step on the last of K."""
-    acc, cfg = run.accelerator, run.cfg
-    x = run.augment.train(images, generator)
-    with acc.accumulate(run.model):
+    acc = step.accelerator
+    x = step.augment.train(images, generator)
+    with acc.accumulate(step.model):
         with acc.autocast():
-            logits = run.model(x)
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            logits = step.model(x)
+            loss = F.cross_entropy(logits, labels, label_smoothing=step.label_smoothing)
         acc.backward(loss)
-        run.guard.observe(loss)
+        step.guard.observe(loss)
         # Every rank reaches the same decision here: a NaN/inf loss anywhere skips the update everywhere.
-        if acc.sync_gradients and run.guard.decide():
-            run.optimizer.step()
+        if acc.sync_gradients and step.guard.decide():
+            step.optimizer.step()
             if not acc.optimizer_step_was_skipped:
-                run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+                step.scheduler.step()
+        step.optimizer.zero_grad(set_to_none=True)
     return loss.detach(), (logits.argmax(1) == labels).sum()
-
-
-def train_one_epoch(run: Run) -> dict:
-    """Train from micro-batch `run.batch` to the end of `run.epoch` (or until --max-steps)."""
-    acc, cfg = run.accelerator, run.cfg
-    run.model.train()
-    run.train.set_epoch(run.epoch, run.batch)
-    loader = make_loader(run.train, cfg.num_workers, pin_memory=acc.device.type == "cuda")
-    generator = torch.Generator()
-    meter, window = Meter(), Meter()
-    loss_sum = torch.zeros((), device=acc.device)
-    correct = torch.zeros((), dtype=torch.int64, device=acc.device)
-    seen = 0
-    run.reporter.start_epoch(run.epoch, cfg.epochs, run.train.num_batches, run.batch)
-    it = iter(loader)
-    try:
-        while run.batch < run.train.num_batches and not run_is_done(run) and not run.guard.stop_requested:
-            t0 = time.perf_counter()
-            images, labels, lost, problems = next(it)
-            run.lost_train += lost
-            run.problems += problems
-            images = images.to(acc.device, non_blocking=True)
-            labels = labels.to(acc.device, non_blocking=True)
-            wait = time.perf_counter() - t0
-            meter.add_wait(wait)
-            window.add_wait(wait)
-            seed_step(cfg.seed, run.epoch, run.batch, acc.process_index, generator)
-            loss, hits = train_step(run, images, labels, generator)
-            loss_sum += loss * labels.shape[0]
-            correct += hits
-            seen += labels.shape[0]
-            meter.add_images(labels.shape[0])
-            window.add_images(labels.shape[0])
-            run.batch += 1
-            run.reporter.step(1)
-            if acc.sync_gradients:
-                after_optimizer_step(run, loss, window)
-    finally:
-        del it, loader  # stop the loader workers now, also when a step raised
-    run.reporter.end_epoch()
-    totals = acc.reduce(
-        torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=acc.device)]),
-        reduction="sum",
-    )
-    n = max(totals[2].item(), 1.0)
-    return {
-        "train_loss": totals[0].item() / n,
-        "train_top1": totals[1].item() / n,
-        "img_per_s": meter.rate * acc.num_processes,
-        "data_wait": meter.wait_fraction,
-        "epoch_seconds": meter.elapsed,
-    }
-
-
-def after_optimizer_step(run: Run, loss: torch.Tensor, window: Meter) -> None:
-    """Count the step; stop if diverged; log and checkpoint on schedule (every rank at the same steps)."""
-    cfg = run.cfg
-    run.global_step += 1
-    run.guard.check_divergence(run.global_step)
-    if run.global_step % cfg.log_every == 0:
-        log_train(run, loss, window)
-        window.reset()
-    if cfg.checkpoint_every and run.global_step % cfg.checkpoint_every == 0:
-        save(run, "last")
-
-
-def run_is_done(run: Run) -> bool:
-    return bool(run.cfg.max_steps) and run.global_step >= run.cfg.max_steps
-
-
-def log_train(run: Run, loss: torch.Tensor, window: Meter) -> None:
-    """Per-step metrics. Every rank takes part in the reduce; only the main process logs."""
-    acc = run.accelerator
-    mean_loss = acc.reduce(loss.float(), reduction="mean").item()
-    lr = run.optimizer.param_groups[0]["lr"]
-    metrics = {
-        "train/loss": mean_loss,
-        "train/lr": lr,
-        "perf/img_per_s": window.rate * acc.num_processes,
-        "perf/img_per_s_per_process": window.rate,
-        "perf/data_wait_fraction": window.wait_fraction,
-        "epoch": run.epoch + run.batch / run.train.num_batches,
-    }
-    acc.log(metrics, step=run.global_step)
-    report_problems(run)
-    stats = (
-        f"loss {mean_loss:.4f}  lr {lr:.4g}  {metrics['perf/img_per_s']:.0f} img/s  "
-        f"data wait {window.wait_fraction:.0%}"
-    )
-    run.reporter.step(0, stats)
-    run.reporter.log_line(f"epoch {run.epoch + 1} step {run.global_step}: {stats}")
-
-
-def report_problems(run: Run) -> None:
-    """Data problems every rank met since the last call: one warning each, from the main process.
-
-    A collective: every rank calls it at the same points (log steps and epoch ends)."""
-    everyone = gather_object([run.problems]) if run.accelerator.num_processes > 1 else [run.problems]
-    run.problems = []
-    for problem in sorted({p for problems in everyone for p in problems} - run.reported):
-        run.reported.add(problem)
-        run.reporter.line(f"warning: {problem}")
 
 
 def eval_scores(model: torch.nn.Module, images: torch.Tensor, augment: BatchAugment, tta_flip: bool) -> torch.Tensor:

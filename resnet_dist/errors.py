@@ -37,10 +37,6 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def fail(message: str) -> NoReturn:
-    raise UsageError(message)
-
-
 def _say(message: str, every_rank: bool = False) -> None:
     """A stderr line. Under a launcher every rank meets the same bad flag or Ctrl-C, so by default rank 0
     alone speaks; data and training errors can be one rank's own, so each rank says those, naming itself."""

@@ -11,7 +11,6 @@ docs/http.md is the user-facing description.
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import os
 import random
@@ -24,7 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 from resnet_dist.errors import DataError, UsageError
 from resnet_dist.index import DatasetIndex, ShardInfo, parse_index
@@ -213,21 +212,6 @@ def read_bytes(base: str, name: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-
-
-def open_shard(base: str, name: str) -> BinaryIO:
-    """A readable binary stream of one file under `base` (kept for callers that want a stream).
-
-    Over HTTP the file is fetched whole first: a retry can then restart cleanly from byte 0, which a
-    half-consumed stream handed to a caller could not.
-    """
-    if is_url(base):
-        return io.BytesIO(read_bytes(base, name))
-    path = Path(base) / name
-    try:
-        return open(path, "rb")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot open shard ({exc.strerror})") from None
 
 
 def read_index(base: str) -> DatasetIndex:

@@ -12,49 +12,22 @@ import uuid
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 
 from resnet_dist.augment import BatchAugment
-from resnet_dist.checkpoint import find_checkpoint, load_checkpoint, write_json_atomic
+from resnet_dist.checkpoint import find_checkpoint, write_json_atomic
 from resnet_dist.config import TrainConfig, parse_args
-from resnet_dist.data import ShardStream
+from resnet_dist.data import ShardStream, make_loader
 from resnet_dist.distributed import convert_sync_batchnorm, end_run
-from resnet_dist.engine import (
-    Run,
-    bare,
-    evaluate,
-    make_accelerator,
-    precision_override,
-    report_problems,
-    run_is_done,
-    save,
-    train_one_epoch,
-)
+from resnet_dist.engine import Step, bare, evaluate, make_accelerator, precision_override, seed_step, train_step
 from resnet_dist.errors import Interrupted, TrainingError, UsageError
 from resnet_dist.guard import Diverged, StepGuard, StopRequest, is_collective_timeout, name_silent_ranks
 from resnet_dist.models import build_model, count_parameters
 from resnet_dist.optim import build_optimizer, build_scheduler
 from resnet_dist.recipes import RECIPES, scaled_lr
+from resnet_dist.run import Run, restore, save
 from resnet_dist.storage import check_shards, read_index
-from resnet_dist.tracking import Reporter, plot_history, wandb_init_kwargs, write_history
-
-# Settings a resumed run must share with its checkpoint: they fix the model, the data order or the
-# schedule, so changing them would silently make a different run.
-RESUME_MUST_MATCH = (
-    "data",
-    "model",
-    "stem",
-    "width",
-    "dropout",
-    "epochs",
-    "batch_size",
-    "grad_accum",
-    "optimizer",
-    "schedule",
-    "seed",
-    "num_workers",
-    "shuffle_block",
-    "sync_bn",
-)
+from resnet_dist.tracking import Meter, Reporter, plot_history, wandb_init_kwargs, write_history
 
 
 def pick_splits(cfg: TrainConfig, splits: dict) -> tuple[str | None, list[str]]:
@@ -135,21 +108,9 @@ def setup(cfg: TrainConfig) -> Run:
     augment = BatchAugment(
         index.mean, index.std, accelerator.device, cfg.crop_padding, cfg.flip, cfg.channels_last, cfg.random_erase
     )
-    run = Run(
-        cfg,
-        accelerator,
-        index,
-        model,
-        optimizer,
-        scheduler,
-        augment,
-        train,
-        evals,
-        Reporter(accelerator.is_main_process),
-        run_dir,
-        val_split,
-        guard=StepGuard(accelerator, StopRequest(), cfg.max_bad_steps),
-    )
+    guard = StepGuard(accelerator, StopRequest(), cfg.max_bad_steps)
+    step = Step(accelerator, model, optimizer, scheduler, augment, guard, cfg.label_smoothing)
+    run = Run(cfg, step, index, train, evals, Reporter(accelerator.is_main_process), run_dir, val_split)
     if last is not None:
         restore(run, last)
     else:
@@ -168,36 +129,114 @@ def check_writable(run_dir: Path) -> None:
         raise UsageError(f"--out {run_dir}: cannot write there ({exc.strerror or exc})") from exc
 
 
-def restore(run: Run, folder: Path) -> None:
-    """Continue from a checkpoint: weights, optimizer, schedule, counters, history."""
-    weights, state, meta = load_checkpoint(folder)
-    saved = meta.get("config", {})
-    changed = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(run.cfg, k)]
-    if meta.get("world_size") != run.accelerator.num_processes:
-        changed.append(f"world size ({meta.get('world_size')} -> {run.accelerator.num_processes})")
-    if changed:
-        raise UsageError(
-            f"{run.run_dir} holds a run with other settings ({', '.join(changed)}): "
-            f"choose another --out for a new run, or repeat its settings to resume it"
-        )
-    bare(run.accelerator, run.model).load_state_dict(weights)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler") is not None and run.accelerator.scaler is not None:
-        run.accelerator.scaler.load_state_dict(state["scaler"])
-    run.epoch, run.batch, run.global_step = state["epoch"], state["batch"], state["global_step"]
-    run.best_val, run.history, run.wandb_id = state["best_val"], list(state["history"]), meta["wandb_id"]
-    run.reporter.line(
-        f"resumed from {folder}: epoch {run.epoch + 1}, micro-batch {run.batch}, optimizer step {run.global_step}"
+def train_one_epoch(run: Run) -> dict:
+    """Train from micro-batch `run.batch` to the end of `run.epoch` (or until --max-steps)."""
+    acc, cfg = run.step.accelerator, run.cfg
+    run.step.model.train()
+    run.train.set_epoch(run.epoch, run.batch)
+    loader = make_loader(run.train, cfg.num_workers, pin_memory=acc.device.type == "cuda")
+    generator = torch.Generator()
+    meter, window = Meter(), Meter()
+    loss_sum = torch.zeros((), device=acc.device)
+    correct = torch.zeros((), dtype=torch.int64, device=acc.device)
+    seen = 0
+    run.reporter.start_epoch(run.epoch, cfg.epochs, run.train.num_batches, run.batch)
+    it = iter(loader)
+    try:
+        while run.batch < run.train.num_batches and not run_is_done(run) and not run.step.guard.stop_requested:
+            t0 = time.perf_counter()
+            images, labels, lost, problems = next(it)
+            run.lost_train += lost
+            run.problems += problems
+            images = images.to(acc.device, non_blocking=True)
+            labels = labels.to(acc.device, non_blocking=True)
+            wait = time.perf_counter() - t0
+            meter.add_wait(wait)
+            window.add_wait(wait)
+            seed_step(cfg.seed, run.epoch, run.batch, acc.process_index, generator)
+            loss, hits = train_step(run.step, images, labels, generator)
+            loss_sum += loss * labels.shape[0]
+            correct += hits
+            seen += labels.shape[0]
+            meter.add_images(labels.shape[0])
+            window.add_images(labels.shape[0])
+            run.batch += 1
+            run.reporter.step(1)
+            if acc.sync_gradients:
+                after_optimizer_step(run, loss, window)
+    finally:
+        del it, loader  # stop the loader workers now, also when a step raised
+    run.reporter.end_epoch()
+    totals = acc.reduce(
+        torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=acc.device)]),
+        reduction="sum",
     )
+    n = max(totals[2].item(), 1.0)
+    return {
+        "train_loss": totals[0].item() / n,
+        "train_top1": totals[1].item() / n,
+        "img_per_s": meter.rate * acc.num_processes,
+        "data_wait": meter.wait_fraction,
+        "epoch_seconds": meter.elapsed,
+    }
+
+
+def after_optimizer_step(run: Run, loss: torch.Tensor, window: Meter) -> None:
+    """Count the step; stop if diverged; log and checkpoint on schedule (every rank at the same steps)."""
+    cfg = run.cfg
+    run.global_step += 1
+    run.step.guard.check_divergence(run.global_step)
+    if run.global_step % cfg.log_every == 0:
+        log_train(run, loss, window)
+        window.reset()
+    if cfg.checkpoint_every and run.global_step % cfg.checkpoint_every == 0:
+        save(run, "last")
+
+
+def run_is_done(run: Run) -> bool:
+    return bool(run.cfg.max_steps) and run.global_step >= run.cfg.max_steps
+
+
+def log_train(run: Run, loss: torch.Tensor, window: Meter) -> None:
+    """Per-step metrics. Every rank takes part in the reduce; only the main process logs."""
+    acc = run.step.accelerator
+    mean_loss = acc.reduce(loss.float(), reduction="mean").item()
+    lr = run.step.optimizer.param_groups[0]["lr"]
+    metrics = {
+        "train/loss": mean_loss,
+        "train/lr": lr,
+        "perf/img_per_s": window.rate * acc.num_processes,
+        "perf/img_per_s_per_process": window.rate,
+        "perf/data_wait_fraction": window.wait_fraction,
+        "epoch": run.epoch + run.batch / run.train.num_batches,
+    }
+    acc.log(metrics, step=run.global_step)
+    report_problems(run)
+    stats = (
+        f"loss {mean_loss:.4f}  lr {lr:.4g}  {metrics['perf/img_per_s']:.0f} img/s  "
+        f"data wait {window.wait_fraction:.0%}"
+    )
+    run.reporter.step(0, stats)
+    run.reporter.log_line(f"epoch {run.epoch + 1} step {run.global_step}: {stats}")
+
+
+def report_problems(run: Run) -> None:
+    """Data problems every rank met since the last call: one warning each, from the main process.
+
+    A collective: every rank calls it at the same points (log steps and epoch ends)."""
+    everyone = gather_object([run.problems]) if run.step.accelerator.num_processes > 1 else [run.problems]
+    run.problems = []
+    for problem in sorted({p for problems in everyone for p in problems} - run.reported):
+        run.reported.add(problem)
+        run.reporter.line(f"warning: {problem}")
 
 
 def evaluate_split(run: Run, split: str) -> dict:
     return evaluate(
-        run.accelerator,
-        run.model,
+        run.step.accelerator,
+        run.step.model,
         run.evals[split],
-        run.augment,
+        run.step.augment,
         run.cfg.num_workers,
         run.index.num_classes,
         tta_flip=run.cfg.eval_tta == "flip",
@@ -213,7 +252,7 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
     """Validate and record the epoch; say whether val top-1 improved."""
     row = {
         "epoch": run.epoch + 1,
-        "lr": run.optimizer.param_groups[0]["lr"],
+        "lr": run.step.optimizer.param_groups[0]["lr"],
         **train_metrics,
         "steps": run.global_step,
         "complete": run.batch >= run.train.num_batches,
@@ -233,7 +272,7 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
     if run.history and run.history[-1]["epoch"] == row["epoch"]:
         run.history.pop()  # a resumed epoch replaces the row of its interrupted part
     run.history.append(row)
-    run.accelerator.log(
+    run.step.accelerator.log(
         {f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")}
         | {
             "train/epoch_loss": row["train_loss"],
@@ -266,7 +305,7 @@ def epoch_line(row: dict, split: str | None) -> str:
 def fit(cfg: TrainConfig) -> dict:
     """Train per `cfg`; return the run summary (also written to RUN_DIR/summary.json)."""
     run = setup(cfg)
-    acc, started, cfg = run.accelerator, time.time(), run.cfg  # run.cfg: with the lr as scaled
+    acc, started, cfg = run.step.accelerator, time.time(), run.cfg  # run.cfg: with the lr as scaled
     if acc.is_main_process:
         write_json_atomic(run.run_dir / "config.json", cfg.to_dict())
     acc.init_trackers(
@@ -275,7 +314,7 @@ def fit(cfg: TrainConfig) -> dict:
         init_kwargs=wandb_init_kwargs(run.run_dir, cfg.wandb_mode, run.wandb_id, run.run_dir.name),
     )
     announce(run)
-    run.guard.stop.install()
+    run.step.guard.stop.install()
     try:
         train_epochs(run)
     except Diverged:
@@ -289,8 +328,8 @@ def fit(cfg: TrainConfig) -> dict:
             ) from exc
         raise
     finally:
-        run.guard.stop.restore()
-    if run.guard.stop_requested:
+        run.step.guard.stop.restore()
+    if run.step.guard.stop_requested:
         stop(run)
     summary = finish(run, time.time() - started)
     end_run(acc)  # closes W&B and the process group (a live gloo group can abort at exit)
@@ -298,10 +337,10 @@ def fit(cfg: TrainConfig) -> dict:
 
 
 def train_epochs(run: Run) -> None:
-    acc, cfg = run.accelerator, run.cfg
-    while run.epoch < cfg.epochs and not run_is_done(run) and not run.guard.stop_requested:
+    acc, cfg = run.step.accelerator, run.cfg
+    while run.epoch < cfg.epochs and not run_is_done(run) and not run.step.guard.stop_requested:
         train_metrics = train_one_epoch(run)
-        if run.guard.stop_requested:
+        if run.step.guard.stop_requested:
             return  # preempted: no validation, the checkpoint is written by stop()
         row, improved = end_epoch(run, train_metrics)
         if row["complete"]:
@@ -317,8 +356,8 @@ def train_epochs(run: Run) -> None:
 def stop(run: Run) -> None:
     """After SIGTERM/SIGINT: every rank has finished the same step; save and exit as interrupted."""
     save(run, "last")
-    signum = run.guard.stop.signum or signal.SIGTERM  # another rank may have received it
-    end_run(run.accelerator)
+    signum = run.step.guard.stop.signum or signal.SIGTERM  # another rank may have received it
+    end_run(run.step.accelerator)
     raise Interrupted(
         f"stopped by {signal.Signals(signum).name} at epoch {run.epoch + 1}, optimizer step "
         f"{run.global_step}: saved {run.run_dir / 'checkpoints' / 'last'}; run the same command "
@@ -328,8 +367,8 @@ def stop(run: Run) -> None:
 
 
 def announce(run: Run) -> None:
-    acc, cfg = run.accelerator, run.cfg
-    params = count_parameters(bare(acc, run.model))
+    acc, cfg = run.step.accelerator, run.cfg
+    params = count_parameters(bare(acc, run.step.model))
     run.reporter.line(
         f"{cfg.model} ({params:,} parameters) on {run.index.source}: {acc.num_processes} process(es) on "
         f"{acc.device.type}, mixed precision {acc.mixed_precision}, global batch {run.global_batch} "
@@ -353,7 +392,7 @@ def announce(run: Run) -> None:
 
 
 def finish(run: Run, wall: float) -> dict:
-    acc = run.accelerator
+    acc = run.step.accelerator
     last = run.history[-1] if run.history else {}
     summary = {
         "world_size": acc.num_processes,
@@ -367,7 +406,7 @@ def finish(run: Run, wall: float) -> dict:
         "train_img_per_s": last.get("img_per_s"),
         "wall_seconds": round(wall, 1),
         "eval_counts": {},
-        "skipped_steps": run.guard.bad_steps,
+        "skipped_steps": run.step.guard.bad_steps,
         "lost_train_samples": int(acc.reduce(torch.tensor(run.lost_train, device=acc.device), "sum").item()),
         "lost_eval_samples": {},
         "data_problems": sorted(run.reported),

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
+from resnet_dist.data import Piece, read_piece
 from resnet_dist.errors import DataError, UsageError
-from resnet_dist.storage import check_shards, open_shard, read_bytes, read_index
+from resnet_dist.storage import check_shards, read_bytes, read_index
 
 TIMEOUT = 0.3  # RESNET_DIST_HTTP_TIMEOUT in these tests: a stall of STALL is a timeout
 STALL = 0.8  # bounded: the handler thread sleeps this long, then gives up on the connection
@@ -178,10 +179,15 @@ def test_429_waits_for_retry_after(server, synthetic_shards, shard_name):
     assert server.seen[("GET", shard_name)] == 2
 
 
-def test_open_shard_over_http_is_a_stream_of_the_same_bytes(server, synthetic_shards, shard_name):
-    server.plan(shard_name, ["half"])
-    with open_shard(server.url, shard_name) as f:
-        assert f.read() == (synthetic_shards / shard_name).read_bytes()
+def test_the_loader_reads_a_shard_cut_short_over_http_as_the_same_samples(server, synthetic_shards):
+    """The loader's own path for a shard URL: fetched whole (the cut body retried), checked against
+    index.json, then the same samples as from the folder."""
+    shard = read_index(str(synthetic_shards)).splits["train"].shards[0]
+    piece = Piece(shard, skip=0, take=shard.num_samples)
+    server.plan(shard.file, ["half"])
+    remote = read_piece(server.url, piece, strict=True)
+    assert len(remote) == shard.num_samples
+    assert remote == read_piece(str(synthetic_shards), piece, strict=True)
 
 
 @pytest.mark.parametrize("code", [404, 403, 400, 410, 501])

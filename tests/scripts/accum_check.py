@@ -6,14 +6,14 @@ A model without BatchNorm, so the per-batch statistics cannot differ between the
 
 import json
 import sys
-from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
 
 from resnet_dist.augment import BatchAugment
+from resnet_dist.config import TrainConfig
 from resnet_dist.distributed import end_run
-from resnet_dist.engine import train_step
+from resnet_dist.engine import Step, train_step
 from resnet_dist.guard import StepGuard, StopRequest
 from resnet_dist.optim import build_optimizer, build_scheduler
 
@@ -29,7 +29,7 @@ def model():
 
 def train(accum: int, batch: int):
     acc = Accelerator(cpu=True, gradient_accumulation_steps=accum, step_scheduler_with_optimizer=False)
-    cfg = SimpleNamespace(
+    cfg = TrainConfig(
         optimizer="sgd",
         lr=0.1,
         momentum=0.9,
@@ -43,14 +43,14 @@ def train(accum: int, batch: int):
     opt = build_optimizer(cfg, net.parameters())
     sched = build_scheduler(cfg, opt, total_steps=10, steps_per_epoch=10)
     net, opt = acc.prepare(net, opt)
-    run = SimpleNamespace(
+    step = Step(
         accelerator=acc,
-        cfg=cfg,
         model=net,
         optimizer=opt,
         scheduler=sched,
         augment=BatchAugment([0.5] * 3, [0.25] * 3, acc.device, padding=0, flip=False),
         guard=StepGuard(acc, StopRequest(), max_bad_steps=0),
+        label_smoothing=cfg.label_smoothing,
     )
     g = torch.Generator().manual_seed(1)
     # Same global data both ways: rank r takes rows [r*K*B, (r+1)*K*B) of each step's global batch.
@@ -60,7 +60,7 @@ def train(accum: int, batch: int):
     for s in range(STEPS):
         x, y = data[s, mine], labels[s, mine]
         for i in range(0, K * B, batch):
-            train_step(run, x[i : i + batch], y[i : i + batch], None)
+            train_step(step, x[i : i + batch], y[i : i + batch], None)
     weights = torch.cat([p.detach().flatten() for p in acc.unwrap_model(net).parameters()])
     return weights, sched.last_epoch, acc
 

@@ -3,14 +3,14 @@ that update (weights unchanged, identical across ranks) and go on training. Usag
 
 import json
 import sys
-from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
 
 from resnet_dist.augment import BatchAugment
+from resnet_dist.config import TrainConfig
 from resnet_dist.distributed import end_run
-from resnet_dist.engine import train_step
+from resnet_dist.engine import Step, train_step
 from resnet_dist.guard import StepGuard, StopRequest
 from resnet_dist.optim import build_optimizer, build_scheduler
 
@@ -21,7 +21,7 @@ net = torch.nn.Sequential(
 )
 poison = {"on": False}
 net.register_forward_hook(lambda m, i, o: o * float("nan") if poison["on"] else o)
-cfg = SimpleNamespace(
+cfg = TrainConfig(
     optimizer="sgd",
     lr=0.1,
     momentum=0.9,
@@ -34,14 +34,14 @@ cfg = SimpleNamespace(
 opt = build_optimizer(cfg, net.parameters())
 sched = build_scheduler(cfg, opt, total_steps=10, steps_per_epoch=10)
 net, opt = acc.prepare(net, opt)
-run = SimpleNamespace(
+step = Step(
     accelerator=acc,
-    cfg=cfg,
     model=net,
     optimizer=opt,
     scheduler=sched,
     augment=BatchAugment([0.5] * 3, [0.25] * 3, acc.device, padding=0, flip=False),
     guard=StepGuard(acc, StopRequest(), max_bad_steps=3),
+    label_smoothing=cfg.label_smoothing,
 )
 g = torch.Generator().manual_seed(acc.process_index)
 
@@ -51,18 +51,18 @@ def flat():
 
 
 snapshots = []
-for step in range(5):
-    poison["on"] = step == 2 and acc.process_index == 1
+for i in range(5):
+    poison["on"] = i == 2 and acc.process_index == 1
     images = torch.randint(0, 256, (8, 6, 6, 3), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 5, (8,), generator=g)
     before = flat()
-    train_step(run, images, labels, None)
+    train_step(step, images, labels, None)
     snapshots.append((before, flat()))
 final = acc.gather(flat()[None]).cpu()
 if acc.is_main_process:
     json.dump(
         {
-            "bad_steps": run.guard.bad_steps,
+            "bad_steps": step.guard.bad_steps,
             "unchanged_by_bad_step": bool(torch.equal(*snapshots[2])),
             "trained_after": bool(not torch.equal(*snapshots[3])),
             "ranks_agree": bool(torch.equal(final[0], final[1])),
