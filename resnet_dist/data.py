@@ -220,6 +220,8 @@ def _pax(payload) -> dict[str, str]:
     fields, pos, payload = {}, 0, bytes(payload)
     while pos < len(payload) and payload[pos]:
         length = int(payload[pos : payload.index(b" ", pos)])
+        if not pos < pos + length <= len(payload):  # a length of 0 would never advance: a hang, not an error
+            raise ValueError(f"damaged pax record length {length}")
         key, _, value = payload[payload.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
         fields[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length

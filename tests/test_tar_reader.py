@@ -122,6 +122,19 @@ def test_a_pax_size_and_path_override_the_header():
     assert ours(data) == webdataset_samples(data, "x.tar")
 
 
+def test_a_pax_record_of_length_zero_raises_instead_of_looping_forever():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("k.bin")
+        info.size, info.pax_headers = 3, {"comment": "x" * 20}
+        tar.addfile(info, io.BytesIO(b"abc"))
+    data = bytearray(buf.getvalue())
+    record = data.index(b" comment=")
+    data[record - 2 : record] = b"00"  # the record's length field ("30") in the pax payload, outside any checksum
+    with pytest.raises(ValueError, match="pax record length 0"):
+        list(tar_members(bytes(data)))
+
+
 def test_a_damaged_header_or_a_cut_member_raises_where_tarfile_would_stop():
     data = tar_of(tarfile.GNU_FORMAT, MEMBERS)
     damaged = bytearray(data)
