@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from resnet_dist.bench import machine_record
 from resnet_dist.errors import OneLineParser, TrainingError, UsageError, run_cli
 from resnet_dist.filesafe import save_figure, write_json_atomic
+from resnet_dist.hardware import machine_record
 from resnet_dist.recipes import RECIPES
 
 HERE = Path(__file__).resolve().parent

@@ -28,7 +28,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from rich.table import Table
 
 from resnet_dist.augment import BatchAugment
 from resnet_dist.errors import OneLineParser, UsageError, run_cli
-from resnet_dist.hardware import cpu_flags, cpu_has_bf16
+from resnet_dist.hardware import cpu_has_bf16, load_average, machine_record
 from resnet_dist.index import DatasetIndex
 from resnet_dist.storage import read_index
 
@@ -84,7 +83,7 @@ KINDS = {
 DEFAULT_KINDS = "gray28,rgb32,jpeg64"
 
 
-# --- rows, statistics, the machine ----------------------------------------------------------------
+# --- rows, statistics, precision -----------------------------------------------------------------
 
 
 def make_row(suite: str, case: str, ours: float, baseline: float, baseline_name: str, unit: str, **extra) -> dict:
@@ -112,16 +111,6 @@ def interleaved(timers: dict[str, Callable[[], float]], repeats: int) -> dict[st
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def fast_precision() -> str:
     """bf16 where the CPU has native bf16 dot products (AVX-512-BF16 or AMX), else fp32.
 
@@ -130,32 +119,6 @@ def fast_precision() -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     return "bf16" if cpu_has_bf16() else "no"
-
-
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def machine_record() -> dict:
-    import accelerate
-    import torchvision
-    import webdataset
-
-    flags = cpu_flags()
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "accelerate": accelerate.__version__,
-        "webdataset": webdataset.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "bf16_hardware": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
-        "cuda": torch.cuda.is_available(),
-        "load_start": load(),
-    }
 
 
 # --- data: synthetic shards, the ImageFolder tree, the split in memory ----------------------------
@@ -1000,7 +963,7 @@ def say(rows: list[dict]) -> None:
     for r in rows:
         console.print(
             f"  {r['suite']}: {r['case']}: {fmt(r['ours'])} vs {fmt(r['baseline'])} {r['unit']} "
-            f"({r['baseline_name']}) -> {r['ratio']:.2f}x   load {load()[0]}"
+            f"({r['baseline_name']}) -> {r['ratio']:.2f}x   load {load_average()[0]}"
         )
 
 
@@ -1147,7 +1110,7 @@ def suite_kinds(args, suite: str) -> list[str]:
 def run_suites(args, suites: Sequence[str], tmp: Path) -> list[dict]:
     rows = []
     for suite in suites:
-        console.print(f"[bold]{suite}[/]  (load {load()})")
+        console.print(f"[bold]{suite}[/]  (load {load_average()})")
         if suite in ("loader", "e2e"):
             data = resolve_data(args.data, suite_kinds(args, suite), args.samples, tmp / suite)
             rows += (loader_suite if suite == "loader" else e2e_suite)(args, data, tmp)
@@ -1169,7 +1132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     suites = SUITES if args.suite == "all" else (args.suite,)
     with tempfile.TemporaryDirectory(prefix="resnet-dist-bench-") as tmp:
         rows = run_suites(args, suites, Path(tmp))
-    machine["load_end"] = load()
+    machine["load_end"] = load_average()
     console.print(table(rows, machine))
     if args.json:
         write_json_atomic(Path(args.json), {"machine": machine, "rows": rows, "argv": list(argv or sys.argv[1:])})
