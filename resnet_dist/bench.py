@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -256,52 +255,6 @@ def decode_batches(base: Path, index: DatasetIndex, batch: int, epoch: int) -> I
     yield from ((images, labels) for images, labels, *_ in stream)  # drop the lost/problems fields
 
 
-def previous_tar_samples(data: bytes, piece) -> Iterator[dict]:
-    """The loader's tar reading before 0.2: webdataset's tar iterator (Python's tarfile) over the bytes."""
-    import io
-    from itertools import islice
-
-    import webdataset as wds
-
-    seen = {"key": None, "n": 0}
-
-    def wanted(fname: str) -> bool:
-        key = fname.split("/")[-1].split(".", 1)[0]
-        if key != seen["key"]:
-            seen["key"], seen["n"] = key, seen["n"] + 1
-        return piece.skip < seen["n"] <= piece.skip + piece.take
-
-    files = wds.tariterators.tar_file_expander([{"url": piece.file, "stream": io.BytesIO(data)}], select_files=wanted)
-    return islice(wds.tariterators.group_by_keys(files), piece.take)
-
-
-def previous_decode_image(data: bytes, channels: int, size, where: str) -> np.ndarray:
-    """The loader's decoding before 0.2: PIL, convert, np.asarray (errors are not the point here)."""
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
-
-
-def previous_collate(items):
-    return torch.from_numpy(np.stack([i for i, _ in items])), torch.tensor([l for _, l in items], dtype=torch.int64)
-
-
-def previous_decode_batches(base: Path, index: DatasetIndex, batch: int, epoch: int) -> Iterator:
-    """decode_batches with the previous tar reading, decoding and collate swapped in: the same-run before/after."""
-    from resnet_dist import data
-
-    saved = data.tar_samples, data.decode_image, data.collate
-    data.tar_samples, data.decode_image, data.collate = previous_tar_samples, previous_decode_image, previous_collate
-    try:
-        yield from decode_batches(base, index, batch, epoch)
-    finally:
-        data.tar_samples, data.decode_image, data.collate = saved
-
-
 def imagefolder_batches(root: Path, index: DatasetIndex, batch: int, workers: int, padding: int) -> Iterator:
     """The notebook path: ImageFolder + per-sample transforms in the workers, default collate."""
     from torch.utils.data import DataLoader
@@ -438,12 +391,11 @@ def loader_suite(args, data: dict, tmp: Path) -> list[dict]:
             {
                 "ours": lambda: time_batches(decode_batches(base, index, batch, next(epochs)), w, n),
                 "imagefolder": lambda: time_batches(imagefolder_batches(tree, index, batch, 0, args.padding), w, n),
-                "previous": lambda: time_batches(previous_decode_batches(base, index, batch, next(epochs)), w, n),
             },
             args.repeats,
         )
         note = "ours: decode + collate to uint8 only (augmentation runs on the device)"
-        rows += [
+        rows.append(
             make_row(
                 "loader",
                 f"{kind_name} per core",
@@ -452,18 +404,9 @@ def loader_suite(args, data: dict, tmp: Path) -> list[dict]:
                 "ImageFolder + per-sample transforms, in process",
                 "img/s",
                 note=note,
-            ),
-            make_row(
-                "loader",
-                f"{kind_name} per core",
-                rates["ours"],
-                rates["previous"],
-                "previous decode path (webdataset tar iterator + PIL + np.stack), in process",
-                "img/s",
-                note=note,
-            ),
-        ]
-        say(rows[-2:])
+            )
+        )
+        say(rows[-1:])
     return rows
 
 
@@ -502,20 +445,17 @@ def fresh_accelerator(precision: str):
 
 def run_like(acc, model, optimizer, scheduler, augment: BatchAugment) -> SimpleNamespace:
     """What engine.train_step reads of a Run (the trainer's own Run needs shards and a run folder)."""
-    run = SimpleNamespace(
+    from resnet_dist.guard import StepGuard, StopRequest
+
+    return SimpleNamespace(
         accelerator=acc,
         cfg=SimpleNamespace(label_smoothing=0.0),
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
         augment=augment,
+        guard=StepGuard(acc, StopRequest(), max_bad_steps=0),  # timed as the trainer runs it
     )
-    try:  # the reliability work adds a per-step guard to Run: time it as the trainer runs it
-        from resnet_dist.guard import StepGuard, StopRequest
-    except ImportError:
-        return run
-    run.guard = StepGuard(acc, StopRequest(), max_bad_steps=0)
-    return run
 
 
 @contextmanager

@@ -69,7 +69,6 @@ def test_loader_suite_covers_every_pipeline_kind_and_worker_count(tmp_path):
         for workers in ("0 workers", "1 worker"):
             assert {(f"{kind} {workers}", b) for b in ("ImageFolder", "WebDataset", "ceiling")} <= cases
         assert (f"{kind} per core", "ImageFolder") in cases
-        assert (f"{kind} per core", "previous") in cases  # the same-run before/after of the decode path
 
 
 def test_loader_suite_names_a_given_data_folder_by_its_kind(tmp_path, synthetic_shards):
