@@ -53,7 +53,7 @@ from resnet_dist.storage import read_index
 
 SUITES = ("loader", "step", "e2e", "scaling")
 ROW_KEYS = ("suite", "case", "ours", "baseline", "baseline_name", "ratio", "unit")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU_DDP = ROOT / "accelerate_configs" / "cpu_ddp.yaml"
 WORKER = "scaling-worker"  # hidden suite: one side of the scaling suite, run in a subprocess
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 150)  # logs: no wrapping
