@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from resnet_dist.bench import machine_record
-from resnet_dist.checkpoint import write_json_atomic
 from resnet_dist.errors import OneLineParser, TrainingError, UsageError, run_cli
+from resnet_dist.filesafe import save_figure, write_json_atomic
+from resnet_dist.hardware import machine_record
 from resnet_dist.recipes import RECIPES
 
 HERE = Path(__file__).resolve().parent
@@ -171,9 +171,7 @@ def plot(results: list[dict], to: Path, labels: list[str]) -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     to.parent.mkdir(parents=True, exist_ok=True)
-    tmp = to.with_name(f".{to.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, to)
+    save_figure(fig, to, dpi=110)
     plt.close(fig)
 
 

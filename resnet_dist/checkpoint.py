@@ -23,14 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from resnet_dist.errors import DataError
+from resnet_dist.filesafe import fsync_dir
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# Re-exported until trainer.py imports it from filesafe, where it now lives (issue 14: merged separately).
 
 
 def _write_file(path: Path, write) -> None:
@@ -44,17 +39,6 @@ def _write_file(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """JSON written to a temporary file in the same folder, fsynced, then renamed over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(folder: Path, model: torch.nn.Module, state: dict, meta: dict) -> None:
     """Atomically replace `folder` with a checkpoint of `model` (unwrapped) and training `state`."""
     folder = Path(folder)
@@ -65,13 +49,13 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, state: dict, meta: dic
         _write_file(tmp / "model.safetensors", lambda p: save_file(weights, str(p)))
         _write_file(tmp / "state.pt", lambda p: torch.save(state, p))
         _write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = folder.with_name(folder.name + ".old")
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
         os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -23,12 +23,13 @@ import torch
 from accelerate import Accelerator
 
 from resnet_dist.augment import BatchAugment
-from resnet_dist.checkpoint import find_checkpoint, load_weights, write_json_atomic
+from resnet_dist.checkpoint import find_checkpoint, load_weights
 from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream
 from resnet_dist.distributed import check_world_size, end_run
 from resnet_dist.engine import evaluate
 from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
+from resnet_dist.filesafe import save_figure, write_json_atomic
 from resnet_dist.index import DatasetIndex
 from resnet_dist.models import build_model
 from resnet_dist.storage import check_shards, read_index
@@ -178,10 +179,8 @@ def plot_confusion(path: Path, confusion, classes: list[str], title: str) -> Non
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def print_results(result: dict) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_dist.errors import DataError
+from resnet_dist.filesafe import fsync_dir
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -260,19 +261,5 @@ def write_index(folder: Path, index: DatasetIndex) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(folder)
+    fsync_dir(folder, best_effort=True)
     return folder / INDEX_NAME
-
-
-def fsync_dir(folder: Path) -> None:
-    # A rename is durable only once the directory entry itself reaches the disk.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -17,8 +17,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from resnet_dist.checkpoint import find_checkpoint, write_json_atomic
+from resnet_dist.checkpoint import find_checkpoint
 from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
+from resnet_dist.filesafe import save_figure, write_json_atomic
 from resnet_dist.models import build_model
 
 # (key, header, kind) of each column, in order; kind says how to format it.
@@ -184,10 +185,8 @@ def plot_curves(out: Path, runs: list[dict]) -> list[Path]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         fig.tight_layout()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100)
+        save_figure(fig, out / f"{name}.png")
         plt.close(fig)
-        os.replace(tmp, out / f"{name}.png")
         written.append(out / f"{name}.png")
     return written
 

@@ -35,12 +35,12 @@ from rich.table import Table
 
 from resnet_dist import __version__
 from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
+from resnet_dist.filesafe import fsync_dir
 from resnet_dist.index import (
     INDEX_NAME,
     DatasetIndex,
     ShardInfo,
     SplitInfo,
-    fsync_dir,
     load_index,
     write_index,
 )
@@ -371,7 +371,7 @@ class ShardWriter:
     def close(self) -> SplitInfo:
         if self.file is not None:
             self._finish()
-        fsync_dir(self.folder)
+        fsync_dir(self.folder, best_effort=True)
         return SplitInfo(self.total, tuple(self.shards))
 
     def abort(self) -> None:
@@ -403,7 +403,7 @@ def prepare_out_dir(folder: Path, overwrite: bool) -> None:
     # The index goes first: from here on no index points at shards we are about to replace.
     for path in sorted(found, key=lambda p: p.name != INDEX_NAME):
         path.unlink()
-    fsync_dir(folder)
+    fsync_dir(folder, best_effort=True)
 
 
 # --- planning -------------------------------------------------------------------------------------

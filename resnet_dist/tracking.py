@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from resnet_dist.checkpoint import write_json_atomic
+from resnet_dist.filesafe import save_figure, write_json_atomic
 
 
 class Meter:
@@ -140,7 +140,5 @@ def plot_history(run_dir: Path, history: list[dict]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = plots / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, plots / f"{name}.png")
+        save_figure(fig, plots / f"{name}.png")
         plt.close(fig)

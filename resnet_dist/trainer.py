@@ -15,12 +15,13 @@ import torch
 from accelerate.utils import gather_object
 
 from resnet_dist.augment import BatchAugment
-from resnet_dist.checkpoint import find_checkpoint, write_json_atomic
+from resnet_dist.checkpoint import find_checkpoint
 from resnet_dist.config import TrainConfig, parse_args
 from resnet_dist.data import ShardStream, make_loader
 from resnet_dist.distributed import convert_sync_batchnorm, end_run
 from resnet_dist.engine import Step, bare, evaluate, make_accelerator, precision_override, seed_step, train_step
 from resnet_dist.errors import Interrupted, TrainingError, UsageError
+from resnet_dist.filesafe import write_json_atomic
 from resnet_dist.guard import Diverged, StepGuard, StopRequest, is_collective_timeout, name_silent_ranks
 from resnet_dist.models import build_model, count_parameters
 from resnet_dist.optim import build_optimizer, build_scheduler

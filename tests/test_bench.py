@@ -4,6 +4,7 @@ No timing assertions: machines are noisy and the numbers belong in docs/performa
 a few batches, one repeat, so the whole module stays well under two minutes on 2 shared cores.
 """
 
+import ast
 import json
 import subprocess
 import sys
@@ -69,7 +70,6 @@ def test_loader_suite_covers_every_pipeline_kind_and_worker_count(tmp_path):
         for workers in ("0 workers", "1 worker"):
             assert {(f"{kind} {workers}", b) for b in ("ImageFolder", "WebDataset", "ceiling")} <= cases
         assert (f"{kind} per core", "ImageFolder") in cases
-        assert (f"{kind} per core", "previous") in cases  # the same-run before/after of the decode path
 
 
 def test_loader_suite_names_a_given_data_folder_by_its_kind(tmp_path, synthetic_shards):
@@ -116,3 +116,39 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 def test_missing_data_folder_is_one_line(tmp_path):
     result = bench("loader", "--data", str(tmp_path / "nowhere"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "index.json" in result.stderr
+
+
+def bench_imports(source: str, name: str) -> list[str]:
+    """The imports in a module's source that reach the bench, however they are spelt."""
+    found = []
+    for node in ast.walk(ast.parse(source, name)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found += [f"{name}:{node.lineno}: {module}" for module in names if is_bench(module)]
+    return found
+
+
+def is_bench(module: str) -> bool:
+    return module == "resnet_dist.bench" or module.startswith("resnet_dist.bench.")
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["import resnet_dist.bench.cli", "from resnet_dist import bench", "from resnet_dist.bench.common import x"],
+)
+def test_the_leaf_check_sees_every_spelling_of_a_bench_import(source):
+    found = bench_imports(f"import os\n\n\ndef later():\n    {source}\n", "probe.py")
+    assert found and all(f.startswith("probe.py:5: resnet_dist.bench") for f in found), found
+
+
+def test_the_bench_is_a_leaf_nothing_in_the_package_or_launch_imports_it():
+    bench = ROOT / "resnet_dist" / "bench"
+    package = [p for p in (ROOT / "resnet_dist").rglob("*.py") if bench not in p.parents]
+    modules = package + sorted((ROOT / "launch").rglob("*.py"))
+    assert len(package) >= 10 and ROOT / "launch" / "time_to_accuracy.py" in modules  # the scan sees the code
+    imports = [i for p in modules for i in bench_imports(p.read_text(), str(p.relative_to(ROOT)))]
+    assert imports == [], "the bench is a leaf: import what it shares from the package instead"
