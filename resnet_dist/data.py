@@ -105,7 +105,8 @@ def png_is_sound(data: bytes) -> bool:
 
     torchvision 0.29's decode_png kills the process (SIGSEGV, reproduced here) when libpng meets damage
     in the pixel data, where PIL raises. So damage is looked for first: every chunk's CRC, a complete
-    zlib stream of the right length, a valid filter byte on every row. ~2 us for a 28x28 PNG.
+    zlib stream of the right length, a valid filter byte on every row. About a third of a 28x28 PNG's
+    decode time (docs/performance.md).
     """
     if len(data) < 33 or data[12:16] != b"IHDR" or data[24] > 8 or data[28] or data[25] not in PNG_SAMPLES:
         return False

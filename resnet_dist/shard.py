@@ -46,13 +46,14 @@ from resnet_dist.index import (
 )
 from resnet_dist.sources import READERS, SOURCES, Sample, Source, Split, iter_samples, read_synthetic
 
-# 5000 samples a shard: ~10 MB of Fashion-MNIST PNGs, ~20 MB of CIFAR or Tiny ImageNet. Big enough
+# 5000 samples a shard: ~12 MB of Fashion-MNIST PNGs, ~20 MB of CIFAR or Tiny ImageNet. Big enough
 # that tar overhead and file opens are noise, small enough that a shuffled shard order mixes well
 # and a small dataset still gives several shards. The trainer splits work by exact sample ranges
 # from the per-shard counts, so the shard count need not divide by the number of processes.
 DEFAULT_SHARD_SIZE = 5000
-# PNG zlib level 1: on 28x28 Fashion-MNIST it encodes ~10% faster than the default 6 and files are
-# ~4% larger (524 vs 504 bytes), a difference the tar format's 512-byte blocks swallow whole.
+# PNG zlib level 1: on 28x28 Fashion-MNIST it encodes ~16% faster than the default 6 and files are
+# ~4% larger (524 vs 504 bytes), which the tar format's 512-byte blocks shrink to +1.5% a sample
+# (docs/shards.md).
 PNG_COMPRESS_LEVEL = 1
 DEFAULT_JPEG_QUALITY = 90
 # Fixed tar header fields: the same input and --seed give byte-identical shards (same sha256).
@@ -134,8 +135,8 @@ class PixelStats:
 
 # Every member shares mode, owner and mtime; only name, size and checksum vary. A header built
 # from this template is byte-for-byte what tarfile.TarInfo.tobuf(USTAR_FORMAT) gives (tests check
-# it against tarfile) at a tenth of the cost: tarfile spends ~35 us a member in Python, which was
-# ~40% of packing Fashion-MNIST (210k members).
+# it against tarfile) at ~5 us a member, where tarfile spends ~35 us in Python, which was ~40% of
+# packing Fashion-MNIST (140k members; docs/shards.md).
 _HEADER = bytearray(tarfile.BLOCKSIZE)
 _HEADER[100:124] = b"0000644\x000000000\x000000000\x00"  # mode, uid, gid
 _HEADER[136:148] = b"%011o\x00" % TAR_MTIME
