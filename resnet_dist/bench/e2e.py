@@ -67,6 +67,8 @@ def e2e_kind(args, kind_name: str, base: Path, index: DatasetIndex, out: Path) -
         run = setup(cfg)
     run.reporter = Reporter(False)  # the bench prints its own table
     images, labels = load_split(base, index, "train")
+    device = run.step.accelerator.device  # the in-memory side holds the split where the step runs (airbench)
+    images, labels = images.to(device), labels.to(device)
     batches = run.train.num_batches
     generator = torch.Generator()
 
