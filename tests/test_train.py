@@ -18,9 +18,9 @@ def ok(result):
 
 
 @pytest.fixture(scope="module")
-def two_epoch_run(synthetic_shards, tmp_path_factory):
+def two_epoch_run(uneven_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "r"
-    result = ok(train("--data", str(synthetic_shards), "--out", str(out), "--epochs", "2", *TINY))
+    result = ok(train("--data", str(uneven_shards), "--out", str(out), "--epochs", "2", *TINY))
     return out, result
 
 
@@ -28,11 +28,13 @@ def test_run_writes_every_output(two_epoch_run):
     out, _ = two_epoch_run
     summary = read_json(out / "summary.json")
     assert summary["world_size"] == 2 and summary["global_batch"] == 32
-    assert summary["epochs_done"] == 2 and summary["steps_done"] == 2 * (540 // 32)
-    assert summary["eval_counts"] == {"val": 60, "test": 120}  # every eval sample counted once across ranks
+    assert summary["epochs_done"] == 2 and summary["steps_done"] == 2 * (544 // 32)
+    # every eval sample counted once across ranks, the odd one out included (61 and 121 do not split in 2)
+    assert summary["eval_counts"] == {"val": 61, "test": 121}
+    assert summary["lost_eval_samples"] == {"val": 0, "test": 0}
     assert summary["best_val_top1"] > 0.4 and summary["test_top1"] > 0.4  # chance is 0.25: the signal is learnt
     hist = read_json(out / "history.json")
-    assert [h["epoch"] for h in hist] == [1, 2]
+    assert [h["epoch"] for h in hist] == [1, 2] and [h["val_count"] for h in hist] == [61, 61]
     for key in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "data_wait", "epoch_seconds"):
         assert all(key in h for h in hist), key
     assert read_json(out / "config.json")["epochs"] == 2
