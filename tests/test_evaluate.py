@@ -4,10 +4,12 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CPU_DDP, ROOT, TRAIN, free_port, read_json, run_env, shard
 
 from resnet_dist.augment import BatchAugment
@@ -155,29 +157,43 @@ def test_two_processes_give_the_same_numbers(single, trained, uneven_shards, tmp
     assert result.stdout.count("macro average") == 1  # the main process alone prints
 
 
+def flip_tta_reference(checkpoint, data, split: str) -> dict:
+    """Loss and top-1 of `split` computed here, in one batch: plain logits, and flip TTA as the mean of the
+    softmax of each image and of its horizontal mirror."""
+    index, meta = read_index(str(data)), read_meta(checkpoint)
+    model = load_model(checkpoint, meta, index, str(data)).eval()
+    n = index.splits[split].num_samples
+    stream = ShardStream(str(data), index, split, batch_size=n, rank=0, world_size=1, train=False)
+    [(images, labels, lost, _)] = list(stream)
+    assert lost == 0 and len(labels) == n
+    x = BatchAugment(meta["mean"], meta["std"], torch.device("cpu")).eval(images)  # N x C x H x W
+    with torch.no_grad():
+        logits = model(x)
+        probs = (logits.softmax(1) + model(x.flip(3)).softmax(1)) / 2
+    rows = torch.arange(n)
+    return {
+        "plain": (F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()),
+        "flip": (-probs[rows, labels].log().mean().item(), (probs.argmax(1) == labels).float().mean().item()),
+    }
+
+
 def test_flip_tta(trained, uneven_shards):
-    assert (
-        main(
-            [
-                "--checkpoint",
-                str(trained),
-                "--data",
-                str(uneven_shards),
-                "--split",
-                "val",
-                "--tta",
-                "flip",
-                "--num-workers",
-                "0",
-            ]
-        )
-        == 0
-    )
-    ev = read_json(trained / "eval-val-tta" / "eval.json")
-    assert ev["tta"] == "flip" and ev["split"] == "val"
+    def evaluate_val(*tta):
+        args = ["--checkpoint", str(trained), "--data", str(uneven_shards), "--split", "val", *tta]
+        assert main([*args, "--num-workers", "0"]) == 0
+
+    evaluate_val("--tta", "flip")
+    evaluate_val()
+    ev, plain = read_json(trained / "eval-val-tta" / "eval.json"), read_json(trained / "eval-val" / "eval.json")
+    assert ev["tta"] == "flip" and ev["split"] == "val" and plain["tta"] == "none"
     assert ev["count"] == read_json(uneven_shards / "index.json")["splits"]["val"]["num_samples"]
     assert 0 <= ev["top1"] <= 1 and ev["loss"] > 0
     assert (trained / "eval-val-tta" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    # the command's numbers are those of the mirror-averaged softmax, and the mirror does change them
+    ref = flip_tta_reference(Path(ev["checkpoint"]), uneven_shards, "val")
+    assert (ev["loss"], ev["top1"]) == pytest.approx(ref["flip"], rel=1e-4)
+    assert (plain["loss"], plain["top1"]) == pytest.approx(ref["plain"], rel=1e-4)
+    assert abs(ref["flip"][0] - ref["plain"][0]) > 1e-3 and abs(ev["loss"] - plain["loss"]) > 1e-3
 
 
 class Boom:
