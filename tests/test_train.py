@@ -167,6 +167,13 @@ def test_sync_bn_and_bf16_run(synthetic_shards, tmp_path):
     )
     summary = read_json(out / "summary.json")
     assert summary["mixed_precision"] == "bf16" and summary["world_size"] == 2
+    # the flag really converts the layers: the run's own setup, 2 processes, every BatchNorm synchronized
+    flags = ["--data", str(synthetic_shards), "--out", str(tmp_path / "layers"), "--sync-bn", *TINY]
+    ok(launch(ROOT / "tests" / "scripts" / "sync_bn_layers.py", str(tmp_path), *flags, "--wandb-mode", "disabled"))
+    built = read_json(tmp_path / "sync_bn_layers.json")
+    assert built["world_size"] == 2
+    assert built["layers"] == {"CPUSyncBatchNorm": 1 + 4 * 2 * 2 + 3}  # resnet18: stem, 2 per block, 3 downsamples
+    assert built["moved"] > 0 and built["rank_spread"] < 1e-6  # different images, the same global statistics
 
 
 def test_fp16_on_cpu_is_refused_in_one_line(synthetic_shards, tmp_path):
