@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -160,12 +161,22 @@ def test_preemption_saves_and_the_same_command_resumes(data, tmp_path, target, s
 
 
 def test_single_process_resume_is_bitwise_equal(data, tmp_path):
+    # 2 loader workers and a 200-sample shuffle block: at step 40 each worker has read 320 samples, so the
+    # resumed workers start 120 samples into their second block
     args = ["--data", str(data), "--epochs", "2", "--checkpoint-every", "7", "--cpu-bf16", "off", *TINY]  # fp32
+    args += ["--num-workers", "2", "--shuffle-block", "200", "--log-every", "1"]
     single = dict(processes=1)
+    total = 2 * (1800 // 16)
     ok(train(*args, "--out", str(tmp_path / "full"), **single))
     ok(train(*args, "--out", str(tmp_path / "cut"), "--max-steps", "40", **single))  # mid-epoch 1 (112 steps/epoch)
     assert read_json(tmp_path / "cut" / "summary.json")["steps_done"] == 40
-    ok(train(*args, "--out", str(tmp_path / "cut"), **single))
+    resumed = ok(train(*args, "--out", str(tmp_path / "cut"), **single))
+    # it resumed at step 40 and ran only steps 41..224, not a fresh run that happens to end the same way
+    checkpoint = tmp_path / "cut" / "checkpoints" / "last"
+    assert f"resumed from {checkpoint}: epoch 1, micro-batch 40, optimizer step 40" in resumed.stdout
+    steps = [int(s) for s in re.findall(r"^epoch \d+ step (\d+):", resumed.stdout, re.MULTILINE)]
+    assert steps == list(range(41, total + 1))
+    assert read_json(tmp_path / "cut" / "summary.json")["steps_done"] == total
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -1,5 +1,7 @@
 """End to end: real `accelerate launch` runs with 2 CPU processes (gloo) on real shards."""
 
+import re
+
 import pytest
 import torch
 from conftest import ROOT, TRAIN, launch, read_json, run_env, shard, train
@@ -130,9 +132,19 @@ def test_grad_accum_equals_larger_batch(tmp_path):
     assert r["sched_steps_accum"] == r["sched_steps_big"] == 2  # once per optimizer step, not per micro-batch
 
 
+def logged_steps(stdout: str) -> list[int]:
+    """Optimizer steps of the `epoch E step S:` lines a run printed (every step with --log-every 1)."""
+    return [int(m) for m in re.findall(r"^epoch \d+ step (\d+):", stdout, re.MULTILINE)]
+
+
 def test_resume_mid_epoch_continues_and_matches_uninterrupted(synthetic_shards, tmp_path):
-    args = ["--data", str(synthetic_shards), "--epochs", "2", "--grad-accum", "2", *TINY]
-    ok(train(*args, "--out", str(tmp_path / "full")))
+    # 2 workers and a 48-sample shuffle block: at the cut each worker has read 80 of its 128 samples, so
+    # the resume starts inside its second block (the block arithmetic of a resumed worker is exercised)
+    args = ["--data", str(synthetic_shards), "--epochs", "2", "--grad-accum", "2", *TINY[:-4]]
+    args += ["--num-workers", "2", "--shuffle-block", "48", "--log-every", "1"]
+    total = 2 * (540 // 64)
+    full = ok(train(*args, "--out", str(tmp_path / "full")))
+    assert logged_steps(full.stdout) == list(range(1, total + 1))
     ok(train(*args, "--out", str(tmp_path / "cut"), "--max-steps", "5"))  # stops mid-epoch 1
     assert read_json(tmp_path / "cut" / "summary.json")["steps_done"] == 5
     other = train(*args, "--seed", "7", "--out", str(tmp_path / "cut"))  # other settings: never mixed in
@@ -141,9 +153,14 @@ def test_resume_mid_epoch_continues_and_matches_uninterrupted(synthetic_shards, 
         f"error: {tmp_path / 'cut'} holds a run with other settings (seed): "
         "choose another --out for a new run, or repeat its settings to resume it"
     )
-    ok(train(*args, "--out", str(tmp_path / "cut")))  # the same command again resumes by itself
+    resumed = ok(train(*args, "--out", str(tmp_path / "cut")))  # the same command again resumes by itself
+    # it really resumed: from the saved step, running only the remaining ones (a fresh start that happened
+    # to reproduce the uninterrupted run would log steps 1-5 again and say nothing of a checkpoint)
+    checkpoint = tmp_path / "cut" / "checkpoints" / "last"
+    assert f"resumed from {checkpoint}: epoch 1, micro-batch 10, optimizer step 5" in resumed.stdout
+    assert logged_steps(resumed.stdout) == list(range(6, total + 1))
     full, cut = read_json(tmp_path / "full" / "summary.json"), read_json(tmp_path / "cut" / "summary.json")
-    assert cut["steps_done"] == full["steps_done"] == 2 * (540 // 64)
+    assert cut["steps_done"] == full["steps_done"] == total
     assert [h["epoch"] for h in read_json(tmp_path / "cut" / "history.json")] == [1, 2]
     a = load_file(tmp_path / "full" / "checkpoints" / "last" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "checkpoints" / "last" / "model.safetensors")
