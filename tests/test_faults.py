@@ -3,6 +3,7 @@ a full disk, a frozen rank, diverging losses) and the run must end as the README
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -184,22 +186,53 @@ def test_single_process_resume_is_bitwise_equal(data, tmp_path):
 # 3. SIGKILL, also while a checkpoint is being written ----------------------------------------------
 
 
-@pytest.mark.parametrize("kill_at", range(1, 9))
-def test_kill_during_checkpoint_write_leaves_a_complete_checkpoint(tmp_path, kill_at):
-    script = ROOT / "tests" / "scripts" / "kill_during_save.py"
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(kill_at)],
+KILL_SCRIPT = ROOT / "tests" / "scripts" / "kill_during_save.py"
+
+
+def save_steps() -> int:
+    """The fsync and rename steps of one save over an existing checkpoint: every point a kill can land on."""
+    spec = importlib.util.spec_from_file_location("kill_during_save", KILL_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "checkpoints" / "last"
+        script.save(folder, 1)
+        with script.file_system_steps() as calls:
+            script.save(folder, 2)
+    return calls[0]
+
+
+SAVE_STEPS = save_steps()
+
+
+def kill_during_save(run_dir: Path, kill_at: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(KILL_SCRIPT), str(run_dir), str(kill_at)],
         capture_output=True,
         text=True,
         env=run_env(),
         timeout=120,
     )
-    assert result.returncode in (-signal.SIGKILL, 0), result.stderr
+
+
+@pytest.mark.parametrize("kill_at", range(1, SAVE_STEPS + 1))
+def test_kill_during_checkpoint_write_leaves_a_complete_checkpoint(tmp_path, kill_at):
+    result = kill_during_save(tmp_path, kill_at)
+    assert result.returncode == -signal.SIGKILL, result.stderr  # the kill did land, at step kill_at
     found = find_checkpoint(tmp_path / "checkpoints" / "last")
     assert found is not None
     weights, state, meta = load_checkpoint(found)
     assert meta["version"] in (1, 2) and float(weights["w"][0]) == meta["version"]
     assert state["step"] == meta["version"]
+
+
+def test_an_uninterrupted_save_makes_the_counted_steps_and_leaves_only_the_new_checkpoint(tmp_path):
+    result = kill_during_save(tmp_path, 0)
+    assert result.returncode == 0, result.stderr
+    assert SAVE_STEPS >= 5 and result.stdout == f"{SAVE_STEPS} file-system steps\n"  # 3 files, folder, renames
+    assert find_checkpoint(tmp_path / "checkpoints" / "last") == tmp_path / "checkpoints" / "last"
+    assert load_checkpoint(tmp_path / "checkpoints" / "last")[2]["version"] == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last"]  # no .old, no temporary
 
 
 def test_sigkill_of_a_rank_ends_the_job_and_the_last_checkpoint_resumes(data, tmp_path):
