@@ -130,6 +130,20 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 # 1. Preemption ---------------------------------------------------------------------------------------
 
 
+def stopped_line(sig: signal.Signals, run: Path, meta: dict) -> str:
+    """The README's promise: `stopped by SIGTERM at epoch E, optimizer step S: saved ...`."""
+    return (
+        f"stopped by {sig.name} at epoch {meta['epoch'] + 1}, optimizer step {meta['global_step']}: saved "
+        f"{run / 'checkpoints' / 'last'}; run the same command again to resume"
+    )
+
+
+def root_cause_exit_code(stderr: str) -> int:
+    """The exit code of the first rank torchrun saw fail, from its failure report."""
+    report = stderr[stderr.index("Root Cause (first observed failure):") :]
+    return int(re.search(r"exitcode\s*:\s*(-?\d+)", report).group(1))
+
+
 @pytest.mark.parametrize(
     "target,sig", [("launcher", signal.SIGTERM), ("rank1", signal.SIGTERM), ("group", signal.SIGINT)]
 )
@@ -145,18 +159,88 @@ def test_preemption_saves_and_the_same_command_resumes(data, tmp_path, target, s
     else:  # Ctrl-C in a terminal: the whole foreground process group
         os.killpg(proc.pid, sig)
     code, stdout, stderr = finish(proc)
-    assert code != 0
+    # The launcher's own code is torchrun's: 1 for a signal it received itself (it passes the signal on to
+    # every rank and waits for them) and 1 for a rank that failed; the ranks' own codes are checked by
+    # test_a_stopped_process_exits_with_128_plus_the_signal, where the process observed is the rank.
+    assert code == 1
+    if target == "rank1":  # rank 1 told rank 0, and the first rank torchrun saw end left with 128 + signal
+        assert root_cause_exit_code(stderr) == 128 + sig
     # torchrun prints its own report (with its traceback) after a signal; none of ours may appear
     assert "resnet_dist/" not in stderr and 'train.py", line' not in stderr
-    assert f"stopped by {sig.name} at epoch" in stderr
     ckpt = find_checkpoint(out / "checkpoints" / "last")
     assert ckpt is not None
     _, state, meta = load_checkpoint(ckpt)
     assert 10 <= meta["global_step"] < 2 * (1800 // 32)
+    assert stderr.splitlines().count(stopped_line(sig, out, meta)) == 1  # rank 0 alone says it
     resumed = ok(train(*args, "--log-every", "1"))
     assert f"resumed from {ckpt}" in resumed.stdout
     summary = read_json(out / "summary.json")
     assert summary["steps_done"] == 2 * (1800 // 32) and summary["epochs_done"] == 2
+
+
+def start_single(*args: str) -> subprocess.Popen:
+    """launch/train.py as one plain process (the rank itself, no launcher), in its own session."""
+    return subprocess.Popen(
+        [sys.executable, str(TRAIN), *args, "--log-every", "1"],
+        cwd=ROOT,
+        env=run_env(OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_process_exits_with_128_plus_the_signal(data, tmp_path, sig):
+    out = tmp_path / "run"
+    proc = start_single("--data", str(data), "--out", str(out), "--epochs", "2", *TINY)
+    wait_for_line(proc, "step 10:")
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)  # Ctrl-C: the loader workers get it too, and ignore it
+    else:
+        os.kill(proc.pid, sig)  # a scheduler's SIGTERM to the process
+    code, _, stderr = finish(proc)
+    assert code == 128 + sig, stderr[-2000:]
+    _, _, meta = load_checkpoint(find_checkpoint(out / "checkpoints" / "last"))
+    assert meta["global_step"] >= 10
+    assert stderr.splitlines() == [stopped_line(sig, out, meta)]
+
+
+def test_a_second_ctrl_c_stops_at_once(data, tmp_path):
+    """The first Ctrl-C asks for a checkpoint at the next optimizer step; a second one does not wait for it.
+
+    The loader worker is frozen after step 1, so the next step (16 micro-batches on, more than the worker
+    prefetched) can never come: only the second Ctrl-C can end this run, and without a checkpoint."""
+    out = tmp_path / "run"
+    args = ["--data", str(data), "--out", str(out), "--epochs", "1", "--grad-accum", "16", *TINY]
+    proc = start_single(*args)
+    wait_for_line(proc, "step 1:")
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers  # --num-workers 1
+    try:
+        for worker in workers:
+            worker.suspend()
+        os.killpg(proc.pid, signal.SIGINT)  # the first Ctrl-C: noted, waiting for the next step
+        time.sleep(1)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            # the second Ctrl-C (sent again only if the two reached the process as one pending signal)
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        stopped = proc.poll() is not None
+    finally:
+        for worker in workers:  # frozen, they hold the output pipes open: end them before reading
+            if worker.is_running():
+                worker.resume()
+                worker.kill()
+    code, _, stderr = finish(proc)
+    assert stopped, "still running 2 minutes after the second Ctrl-C"
+    assert code == 130 and stderr.splitlines() == ["interrupted"], stderr[-2000:]
+    assert find_checkpoint(out / "checkpoints" / "last") is None  # it did not wait to save
 
 
 # 2. Exact mid-epoch resume ----------------------------------------------------------------------------
