@@ -118,3 +118,39 @@ def synthetic_shards(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def uneven_shards(tmp_path_factory) -> Path:
+    """Like synthetic_shards, with eval splits no world size divides: val 61 (prime), test 121 (11 x 11).
+
+    An even split hides a rank that drops the n % world_size leftover; these sizes leave one at every
+    world size from 2 to 10."""
+    out = tmp_path_factory.mktemp("data") / "uneven"
+    result = shard(
+        "synthetic",
+        "--out",
+        str(out),
+        "--num-classes",
+        "4",
+        "--image-size",
+        "16",
+        "--num-samples",
+        "605",
+        "--channels",
+        "3",
+        "--shard-size",
+        "70",
+        "--val-fraction",
+        "0.102",
+        "--seed",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr
+    splits = json.loads((out / "index.json").read_text())["splits"]
+    assert (splits["train"]["num_samples"], splits["val"]["num_samples"], splits["test"]["num_samples"]) == (
+        544,
+        61,
+        121,
+    )
+    return out

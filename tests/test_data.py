@@ -82,15 +82,31 @@ def test_grad_accum_makes_whole_optimizer_steps(synthetic_shards):
 
 
 @pytest.mark.parametrize("world,workers", [(1, 2), (2, 1), (3, 2)])
-def test_eval_counts_every_sample_exactly_once(synthetic_shards, world, workers):
-    index = read_index(str(synthetic_shards))
+def test_eval_counts_every_sample_exactly_once(uneven_shards, world, workers):
+    index = read_index(str(uneven_shards))
     for split in ("val", "test"):
+        n = index.splits[split].num_samples
+        assert world == 1 or n % world  # a rank that dropped the leftover would go unseen otherwise
         seen = []
         for r in range(world):
-            seen += fingerprints(
-                rank_batches(synthetic_shards, index, split, r, world, workers, train=False, batch=7)[0]
-            )
-        assert len(seen) == len(set(seen)) == index.splits[split].num_samples
+            seen += fingerprints(rank_batches(uneven_shards, index, split, r, world, workers, train=False, batch=7)[0])
+        assert (len(seen), len(set(seen))) == (n, n)  # every sample, none twice
+
+
+@pytest.mark.parametrize("world", range(1, 9))
+def test_eval_ranks_split_an_uneven_split_exactly_at_every_world_size(uneven_shards, world):
+    """Each rank's stream read in this process (no loader workers): together, every sample once, and
+    near-equal shares (the n % world leftover spread one sample at a time)."""
+    index = read_index(str(uneven_shards))
+    for split in ("val", "test"):
+        n = index.splits[split].num_samples
+        shares = []
+        for r in range(world):
+            stream = ShardStream(str(uneven_shards), index, split, batch_size=5, rank=r, world_size=world, train=False)
+            shares.append(fingerprints(list(stream)))
+        seen = [fp for share in shares for fp in share]
+        assert (len(seen), len(set(seen))) == (n, n)  # every sample, none twice
+        assert max(map(len, shares)) - min(map(len, shares)) == (1 if n % world else 0)
 
 
 def test_labels_match_the_shards(synthetic_shards):

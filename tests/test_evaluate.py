@@ -4,10 +4,12 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CPU_DDP, ROOT, TRAIN, free_port, read_json, run_env, shard
 
 from resnet_dist.augment import BatchAugment
@@ -66,11 +68,11 @@ def ok(result):
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic_shards, tmp_path_factory):
+def trained(uneven_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("evalrun") / "run"
     ok(
         subprocess.run(
-            [sys.executable, str(TRAIN), "--data", str(synthetic_shards), "--out", str(out), *TINY],
+            [sys.executable, str(TRAIN), "--data", str(uneven_shards), "--out", str(out), *TINY],
             capture_output=True,
             text=True,
             timeout=300,
@@ -82,14 +84,14 @@ def trained(synthetic_shards, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(trained, synthetic_shards):
-    result = ok(run("--checkpoint", str(trained), "--data", str(synthetic_shards), "--num-workers", "0"))
+def single(trained, uneven_shards):
+    result = ok(run("--checkpoint", str(trained), "--data", str(uneven_shards), "--num-workers", "0"))
     return result, read_json(trained / "eval-test" / "eval.json")
 
 
-def test_eval_json_and_png(single, trained, synthetic_shards):
+def test_eval_json_and_png(single, trained, uneven_shards):
     result, ev = single
-    n_test = read_json(synthetic_shards / "index.json")["splits"]["test"]["num_samples"]
+    n_test = read_json(uneven_shards / "index.json")["splits"]["test"]["num_samples"]
     assert ev["count"] == ev["expected_count"] == n_test and ev["lost"] == 0
     assert ev["checkpoint"].endswith("checkpoints/best") and ev["world_size"] == 1
     assert ev["top1"] > 0.4 and ev["top1"] <= ev["top5"] <= 1.0 and ev["loss"] > 0
@@ -103,15 +105,15 @@ def test_eval_json_and_png(single, trained, synthetic_shards):
     assert "macro average" in result.stdout and "top-1" in result.stdout
 
 
-def test_per_class_metrics_match_numpy(single, trained, synthetic_shards):
+def test_per_class_metrics_match_numpy(single, trained, uneven_shards):
     """Precision/recall/F1 from predictions made here, in-process, with plain numpy."""
     _, ev = single
     ckpt = trained / "checkpoints" / "best"
-    index = read_index(str(synthetic_shards))
+    index = read_index(str(uneven_shards))
     meta = read_meta(ckpt)
-    model = load_model(ckpt, meta, index, str(synthetic_shards)).eval()
+    model = load_model(ckpt, meta, index, str(uneven_shards)).eval()
     augment = BatchAugment(meta["mean"], meta["std"], torch.device("cpu"))
-    stream = ShardStream(str(synthetic_shards), index, "test", batch_size=50, rank=0, world_size=1, train=False)
+    stream = ShardStream(str(uneven_shards), index, "test", batch_size=50, rank=0, world_size=1, train=False)
     preds, labels = [], []
     with torch.no_grad():
         for images, y, _, _ in make_loader(stream, 0, pin_memory=False):
@@ -129,14 +131,14 @@ def test_per_class_metrics_match_numpy(single, trained, synthetic_shards):
     assert ev["macro"]["f1"] == pytest.approx(np.mean([r["f1"] for r in ev["per_class"]]))
 
 
-def test_two_processes_give_the_same_numbers(single, trained, synthetic_shards, tmp_path):
+def test_two_processes_give_the_same_numbers(single, trained, uneven_shards, tmp_path):
     _, ev1 = single
     result = ok(
         run(
             "--checkpoint",
             str(trained / "checkpoints" / "best"),
             "--data",
-            str(synthetic_shards),
+            str(uneven_shards),
             "--out",
             str(tmp_path / "ddp"),
             "--num-workers",
@@ -147,37 +149,51 @@ def test_two_processes_give_the_same_numbers(single, trained, synthetic_shards, 
         )
     )
     ev2 = read_json(tmp_path / "ddp" / "eval.json")
-    assert ev2["world_size"] == 2
-    assert ev2["count"] == ev1["count"] and ev2["confusion"] == ev1["confusion"]
+    assert ev2["world_size"] == 2 and ev2["expected_count"] % 2  # 121: one rank holds the odd sample
+    assert ev2["count"] == ev1["count"] == ev2["expected_count"] and ev2["confusion"] == ev1["confusion"]
     for key in ("top1", "top5", "loss"):
         assert ev2[key] == pytest.approx(ev1[key], rel=1e-5)
     assert ev2["per_class"] == ev1["per_class"]
     assert result.stdout.count("macro average") == 1  # the main process alone prints
 
 
-def test_flip_tta(trained, synthetic_shards):
-    assert (
-        main(
-            [
-                "--checkpoint",
-                str(trained),
-                "--data",
-                str(synthetic_shards),
-                "--split",
-                "val",
-                "--tta",
-                "flip",
-                "--num-workers",
-                "0",
-            ]
-        )
-        == 0
-    )
-    ev = read_json(trained / "eval-val-tta" / "eval.json")
-    assert ev["tta"] == "flip" and ev["split"] == "val"
-    assert ev["count"] == read_json(synthetic_shards / "index.json")["splits"]["val"]["num_samples"]
+def flip_tta_reference(checkpoint, data, split: str) -> dict:
+    """Loss and top-1 of `split` computed here, in one batch: plain logits, and flip TTA as the mean of the
+    softmax of each image and of its horizontal mirror."""
+    index, meta = read_index(str(data)), read_meta(checkpoint)
+    model = load_model(checkpoint, meta, index, str(data)).eval()
+    n = index.splits[split].num_samples
+    stream = ShardStream(str(data), index, split, batch_size=n, rank=0, world_size=1, train=False)
+    [(images, labels, lost, _)] = list(stream)
+    assert lost == 0 and len(labels) == n
+    x = BatchAugment(meta["mean"], meta["std"], torch.device("cpu")).eval(images)  # N x C x H x W
+    with torch.no_grad():
+        logits = model(x)
+        probs = (logits.softmax(1) + model(x.flip(3)).softmax(1)) / 2
+    rows = torch.arange(n)
+    return {
+        "plain": (F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()),
+        "flip": (-probs[rows, labels].log().mean().item(), (probs.argmax(1) == labels).float().mean().item()),
+    }
+
+
+def test_flip_tta(trained, uneven_shards):
+    def evaluate_val(*tta):
+        args = ["--checkpoint", str(trained), "--data", str(uneven_shards), "--split", "val", *tta]
+        assert main([*args, "--num-workers", "0"]) == 0
+
+    evaluate_val("--tta", "flip")
+    evaluate_val()
+    ev, plain = read_json(trained / "eval-val-tta" / "eval.json"), read_json(trained / "eval-val" / "eval.json")
+    assert ev["tta"] == "flip" and ev["split"] == "val" and plain["tta"] == "none"
+    assert ev["count"] == read_json(uneven_shards / "index.json")["splits"]["val"]["num_samples"]
     assert 0 <= ev["top1"] <= 1 and ev["loss"] > 0
     assert (trained / "eval-val-tta" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    # the command's numbers are those of the mirror-averaged softmax, and the mirror does change them
+    ref = flip_tta_reference(Path(ev["checkpoint"]), uneven_shards, "val")
+    assert (ev["loss"], ev["top1"]) == pytest.approx(ref["flip"], rel=1e-4)
+    assert (plain["loss"], plain["top1"]) == pytest.approx(ref["plain"], rel=1e-4)
+    assert abs(ref["flip"][0] - ref["plain"][0]) > 1e-3 and abs(ev["loss"] - plain["loss"]) > 1e-3
 
 
 class Boom:
@@ -185,7 +201,7 @@ class Boom:
         return (exec, ("open(__import__('os').environ['BOOM_FILE'], 'w').write('ran')",))
 
 
-def test_only_weights_are_loaded(trained, synthetic_shards, tmp_path):
+def test_only_weights_are_loaded(trained, uneven_shards, tmp_path):
     """A checkpoint whose state.pt is a malicious pickle still evaluates, and the pickle never runs."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained / "checkpoints" / "best", ckpt)
@@ -199,7 +215,7 @@ def test_only_weights_are_loaded(trained, synthetic_shards, tmp_path):
             "--checkpoint",
             str(ckpt),
             "--data",
-            str(synthetic_shards),
+            str(uneven_shards),
             "--num-workers",
             "0",
         ],
@@ -284,8 +300,8 @@ def test_mismatched_classes_and_channels_refused(trained, three_class_shards, gr
     one_line_exit_2(in_process("--checkpoint", str(trained), "--data", str(gray_shards)), "3-channel", "1-channel")
 
 
-def test_bad_inputs(trained, synthetic_shards, tmp_path):
-    data = str(synthetic_shards)
+def test_bad_inputs(trained, uneven_shards, tmp_path):
+    data = str(uneven_shards)
     one_line_exit_2(in_process("--checkpoint", str(tmp_path / "nope"), "--data", data), "no such")
     one_line_exit_2(in_process("--checkpoint", str(tmp_path), "--data", data), "neither a checkpoint")
     one_line_exit_2(in_process("--checkpoint", str(trained), "--data", str(tmp_path)), "index.json")

@@ -3,12 +3,15 @@ a full disk, a frozen rank, diverging losses) and the run must end as the README
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -127,6 +130,20 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 # 1. Preemption ---------------------------------------------------------------------------------------
 
 
+def stopped_line(sig: signal.Signals, run: Path, meta: dict) -> str:
+    """The README's promise: `stopped by SIGTERM at epoch E, optimizer step S: saved ...`."""
+    return (
+        f"stopped by {sig.name} at epoch {meta['epoch'] + 1}, optimizer step {meta['global_step']}: saved "
+        f"{run / 'checkpoints' / 'last'}; run the same command again to resume"
+    )
+
+
+def root_cause_exit_code(stderr: str) -> int:
+    """The exit code of the first rank torchrun saw fail, from its failure report."""
+    report = stderr[stderr.index("Root Cause (first observed failure):") :]
+    return int(re.search(r"exitcode\s*:\s*(-?\d+)", report).group(1))
+
+
 @pytest.mark.parametrize(
     "target,sig", [("launcher", signal.SIGTERM), ("rank1", signal.SIGTERM), ("group", signal.SIGINT)]
 )
@@ -142,30 +159,110 @@ def test_preemption_saves_and_the_same_command_resumes(data, tmp_path, target, s
     else:  # Ctrl-C in a terminal: the whole foreground process group
         os.killpg(proc.pid, sig)
     code, stdout, stderr = finish(proc)
-    assert code != 0
+    # The launcher's own code is torchrun's: 1 for a signal it received itself (it passes the signal on to
+    # every rank and waits for them) and 1 for a rank that failed; the ranks' own codes are checked by
+    # test_a_stopped_process_exits_with_128_plus_the_signal, where the process observed is the rank.
+    assert code == 1
+    if target == "rank1":  # rank 1 told rank 0, and the first rank torchrun saw end left with 128 + signal
+        assert root_cause_exit_code(stderr) == 128 + sig
     # torchrun prints its own report (with its traceback) after a signal; none of ours may appear
     assert "resnet_dist/" not in stderr and 'train.py", line' not in stderr
-    assert f"stopped by {sig.name} at epoch" in stderr
     ckpt = find_checkpoint(out / "checkpoints" / "last")
     assert ckpt is not None
     _, state, meta = load_checkpoint(ckpt)
     assert 10 <= meta["global_step"] < 2 * (1800 // 32)
+    assert stderr.splitlines().count(stopped_line(sig, out, meta)) == 1  # rank 0 alone says it
     resumed = ok(train(*args, "--log-every", "1"))
     assert f"resumed from {ckpt}" in resumed.stdout
     summary = read_json(out / "summary.json")
     assert summary["steps_done"] == 2 * (1800 // 32) and summary["epochs_done"] == 2
 
 
+def start_single(*args: str) -> subprocess.Popen:
+    """launch/train.py as one plain process (the rank itself, no launcher), in its own session."""
+    return subprocess.Popen(
+        [sys.executable, str(TRAIN), *args, "--log-every", "1"],
+        cwd=ROOT,
+        env=run_env(OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_process_exits_with_128_plus_the_signal(data, tmp_path, sig):
+    out = tmp_path / "run"
+    proc = start_single("--data", str(data), "--out", str(out), "--epochs", "2", *TINY)
+    wait_for_line(proc, "step 10:")
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)  # Ctrl-C: the loader workers get it too, and ignore it
+    else:
+        os.kill(proc.pid, sig)  # a scheduler's SIGTERM to the process
+    code, _, stderr = finish(proc)
+    assert code == 128 + sig, stderr[-2000:]
+    _, _, meta = load_checkpoint(find_checkpoint(out / "checkpoints" / "last"))
+    assert meta["global_step"] >= 10
+    assert stderr.splitlines() == [stopped_line(sig, out, meta)]
+
+
+def test_a_second_ctrl_c_stops_at_once(data, tmp_path):
+    """The first Ctrl-C asks for a checkpoint at the next optimizer step; a second one does not wait for it.
+
+    The loader worker is frozen after step 1, so the next step (16 micro-batches on, more than the worker
+    prefetched) can never come: only the second Ctrl-C can end this run, and without a checkpoint."""
+    out = tmp_path / "run"
+    args = ["--data", str(data), "--out", str(out), "--epochs", "1", "--grad-accum", "16", *TINY]
+    proc = start_single(*args)
+    wait_for_line(proc, "step 1:")
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers  # --num-workers 1
+    try:
+        for worker in workers:
+            worker.suspend()
+        os.killpg(proc.pid, signal.SIGINT)  # the first Ctrl-C: noted, waiting for the next step
+        time.sleep(1)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            # the second Ctrl-C (sent again only if the two reached the process as one pending signal)
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        stopped = proc.poll() is not None
+    finally:
+        for worker in workers:  # frozen, they hold the output pipes open: end them before reading
+            if worker.is_running():
+                worker.resume()
+                worker.kill()
+    code, _, stderr = finish(proc)
+    assert stopped, "still running 2 minutes after the second Ctrl-C"
+    assert code == 130 and stderr.splitlines() == ["interrupted"], stderr[-2000:]
+    assert find_checkpoint(out / "checkpoints" / "last") is None  # it did not wait to save
+
+
 # 2. Exact mid-epoch resume ----------------------------------------------------------------------------
 
 
 def test_single_process_resume_is_bitwise_equal(data, tmp_path):
+    # 2 loader workers and a 200-sample shuffle block: at step 40 each worker has read 320 samples, so the
+    # resumed workers start 120 samples into their second block
     args = ["--data", str(data), "--epochs", "2", "--checkpoint-every", "7", "--cpu-bf16", "off", *TINY]  # fp32
+    args += ["--num-workers", "2", "--shuffle-block", "200", "--log-every", "1"]
     single = dict(processes=1)
+    total = 2 * (1800 // 16)
     ok(train(*args, "--out", str(tmp_path / "full"), **single))
     ok(train(*args, "--out", str(tmp_path / "cut"), "--max-steps", "40", **single))  # mid-epoch 1 (112 steps/epoch)
     assert read_json(tmp_path / "cut" / "summary.json")["steps_done"] == 40
-    ok(train(*args, "--out", str(tmp_path / "cut"), **single))
+    resumed = ok(train(*args, "--out", str(tmp_path / "cut"), **single))
+    # it resumed at step 40 and ran only steps 41..224, not a fresh run that happens to end the same way
+    checkpoint = tmp_path / "cut" / "checkpoints" / "last"
+    assert f"resumed from {checkpoint}: epoch 1, micro-batch 40, optimizer step 40" in resumed.stdout
+    steps = [int(s) for s in re.findall(r"^epoch \d+ step (\d+):", resumed.stdout, re.MULTILINE)]
+    assert steps == list(range(41, total + 1))
+    assert read_json(tmp_path / "cut" / "summary.json")["steps_done"] == total
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -173,22 +270,53 @@ def test_single_process_resume_is_bitwise_equal(data, tmp_path):
 # 3. SIGKILL, also while a checkpoint is being written ----------------------------------------------
 
 
-@pytest.mark.parametrize("kill_at", range(1, 9))
-def test_kill_during_checkpoint_write_leaves_a_complete_checkpoint(tmp_path, kill_at):
-    script = ROOT / "tests" / "scripts" / "kill_during_save.py"
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(kill_at)],
+KILL_SCRIPT = ROOT / "tests" / "scripts" / "kill_during_save.py"
+
+
+def save_steps() -> int:
+    """The fsync and rename steps of one save over an existing checkpoint: every point a kill can land on."""
+    spec = importlib.util.spec_from_file_location("kill_during_save", KILL_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "checkpoints" / "last"
+        script.save(folder, 1)
+        with script.file_system_steps() as calls:
+            script.save(folder, 2)
+    return calls[0]
+
+
+SAVE_STEPS = save_steps()
+
+
+def kill_during_save(run_dir: Path, kill_at: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(KILL_SCRIPT), str(run_dir), str(kill_at)],
         capture_output=True,
         text=True,
         env=run_env(),
         timeout=120,
     )
-    assert result.returncode in (-signal.SIGKILL, 0), result.stderr
+
+
+@pytest.mark.parametrize("kill_at", range(1, SAVE_STEPS + 1))
+def test_kill_during_checkpoint_write_leaves_a_complete_checkpoint(tmp_path, kill_at):
+    result = kill_during_save(tmp_path, kill_at)
+    assert result.returncode == -signal.SIGKILL, result.stderr  # the kill did land, at step kill_at
     found = find_checkpoint(tmp_path / "checkpoints" / "last")
     assert found is not None
     weights, state, meta = load_checkpoint(found)
     assert meta["version"] in (1, 2) and float(weights["w"][0]) == meta["version"]
     assert state["step"] == meta["version"]
+
+
+def test_an_uninterrupted_save_makes_the_counted_steps_and_leaves_only_the_new_checkpoint(tmp_path):
+    result = kill_during_save(tmp_path, 0)
+    assert result.returncode == 0, result.stderr
+    assert SAVE_STEPS >= 5 and result.stdout == f"{SAVE_STEPS} file-system steps\n"  # 3 files, folder, renames
+    assert find_checkpoint(tmp_path / "checkpoints" / "last") == tmp_path / "checkpoints" / "last"
+    assert load_checkpoint(tmp_path / "checkpoints" / "last")[2]["version"] == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last"]  # no .old, no temporary
 
 
 def test_sigkill_of_a_rank_ends_the_job_and_the_last_checkpoint_resumes(data, tmp_path):

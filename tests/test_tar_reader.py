@@ -196,26 +196,63 @@ def test_jpeg_decodes_to_pils_pixels_within_the_documented_tolerance(mode, subsa
     assert np.abs(out.astype(int) - pil_pixels(data, channels)).max() <= JPEG_TOLERANCE
 
 
-@pytest.mark.parametrize("damage", ["flip pixels", "flip end", "truncate", "garbage"])
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
-def test_damaged_images_raise_the_same_data_error_and_never_crash(damage, fmt):
-    data = bytearray(encoded(RGB, fmt))
-    if damage == "flip pixels":
-        data[48:88] = bytes(b ^ 0x5A for b in data[48:88])  # libpng: a segfault in torchvision 0.29
-    elif damage == "flip end":
-        data[-30:-20] = bytes(b ^ 0x5A for b in data[-30:-20])
-    elif damage == "truncate":
-        data = data[: len(data) // 2]
-    else:
-        data = data[:40] + bytearray(200)
+def flipped(data: bytes, start: int, stop: int) -> bytes:
+    out = bytearray(data)
+    out[start:stop] = bytes(b ^ 0x5A for b in out[start:stop])
+    return bytes(out)
+
+
+def jpeg_segment(data: bytes, marker: int) -> tuple[int, int]:
+    """(start, end) of the payload of the first JPEG segment with this marker (after its length field)."""
+    at = data.index(bytes([0xFF, marker]))
+    return at + 4, at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+
+
+def damaged(fmt: str, damage: str) -> bytes:
+    data = encoded(RGB, fmt)
+    if damage == "flip pixels":  # PNG: bytes of the IDAT stream (libpng: a segfault in torchvision 0.29)
+        return flipped(data, 48, 88)
+    if damage == "flip end":  # PNG: the end of the compressed pixel stream, before its checksum
+        return flipped(data, len(data) - 30, len(data) - 20)
+    if damage == "flip huffman table":  # JPEG: the first DHT segment's code counts and symbols
+        return flipped(data, *jpeg_segment(data, 0xC4))
+    if damage == "flip frame header":  # JPEG: SOF0's precision, size and components
+        return flipped(data, *jpeg_segment(data, 0xC0))
+    if damage == "truncate":
+        return data[: len(data) // 2]
+    return data[:40] + bytes(200)  # garbage
+
+
+DAMAGE = {
+    "PNG": ["flip pixels", "flip end", "truncate", "garbage"],
+    # Flipped bytes in JPEG's quantisation tables or entropy-coded data still decode (libjpeg and Pillow
+    # conceal them, see the next test), so JPEG is damaged where the decoder must refuse it.
+    "JPEG": ["flip huffman table", "flip frame header", "truncate", "garbage"],
+}
+
+
+@pytest.mark.parametrize("fmt,damage", [(fmt, damage) for fmt, cases in DAMAGE.items() for damage in cases])
+def test_damaged_images_raise_the_same_data_error_and_never_crash(fmt, damage):
+    data = damaged(fmt, damage)
     if fmt == "PNG":
-        assert not png_is_sound(bytes(data))
-    try:
-        pil_pixels(bytes(data), 3)
-    except Exception as exc:
-        with pytest.raises(DataError, match=r"^where: image does not decode \(") as caught:
-            decode_image(bytes(data), 3, (19, 23), "where")
-        assert str(exc).split(" <")[0] in str(caught.value)  # PIL's message (minus a BytesIO's address)
+        assert not png_is_sound(data)
+    with pytest.raises(Exception) as pil:  # every case really is damaged: PIL itself refuses it
+        pil_pixels(data, 3)
+    with pytest.raises(DataError, match=r"^where: image does not decode \(") as caught:
+        decode_image(data, 3, (19, 23), "where")
+    assert str(pil.value).split(" <")[0] in str(caught.value)  # PIL's message (minus a BytesIO's address)
+
+
+@pytest.mark.parametrize("start,stop", [(48, 88), (-30, -20)], ids=["quantisation table", "entropy data"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jpeg_damage_the_decoders_conceal_gives_pils_pixels(start, stop, channels):
+    """Damage JPEG decoders conceal (wrong pixels, no error) is no error here either, and the fast path
+    still returns exactly what PIL makes of it."""
+    data = encoded(RGB, "JPEG")
+    data = flipped(data, start % len(data), stop % len(data))
+    out = decode_image(data, channels, (19, 23), "x")
+    assert np.array_equal(out, pil_pixels(data, channels))
+    assert not np.array_equal(out, pil_pixels(encoded(RGB, "JPEG"), channels))  # the damage did show
 
 
 def test_a_size_mismatch_is_the_same_error():

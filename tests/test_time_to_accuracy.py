@@ -12,6 +12,8 @@ import fabricate
 import pytest
 from conftest import CPU_DDP, ROOT, free_port, read_json, run_env
 
+from resnet_dist.evaluate import main as evaluate_main
+
 SCRIPT = ROOT / "launch" / "time_to_accuracy.py"
 spec = importlib.util.spec_from_file_location("time_to_accuracy", SCRIPT)
 tta = importlib.util.module_from_spec(spec)
@@ -63,6 +65,12 @@ def measured(tmp_path_factory):
         "0.5",
         "--eval-tta",
         "flip",
+        # fp32 as the evaluate command below computes, and BatchNorm statistics equal on both ranks (without
+        # --sync-bn, rank 1 evaluates with its own running statistics, the checkpoint holds rank 0's), so
+        # the command's numbers on checkpoints/last must equal the run's own
+        "--cpu-bf16",
+        "off",
+        "--sync-bn",
         "--wandb-mode",
         "disabled",
     )
@@ -81,8 +89,17 @@ def test_measures_the_whole_pipeline_and_records_the_curve(measured):
     assert [h["epoch"] for h in history] == [1, 2, 3] and "val_top1" not in history[0]
     minutes = [p["minutes"] for p in out["curve"]]
     assert 0 < out["pack_minutes"] < minutes[0] < minutes[1] <= minutes[2] == pytest.approx(out["wall_minutes"])
-    # the last epoch's test evaluation and the final one see the same weights, split and TTA
-    assert out["curve"][1]["top1"] == pytest.approx(out["curve"][2]["top1"])
+    # The end point is the final weights' test top-1 with flip TTA. Without a val split it comes from the same
+    # history row as the epoch-3 point, so it is checked against an evaluation of its own: the evaluate
+    # command on checkpoints/last (the final weights), in this process.
+    last = base / "res" / "run" / "checkpoints" / "last"
+    args = ["--checkpoint", str(last), "--data", str(base / "res" / "shards"), "--split", "test", "--tta", "flip"]
+    assert evaluate_main([*args, "--batch-size", "16", "--num-workers", "0", "--out", str(base / "again")]) == 0
+    again = read_json(base / "again" / "eval.json")
+    assert again["count"] == summary["eval_counts"]["test"] == 100 and again["global_step"] == summary["steps_done"]
+    assert out["curve"][2]["top1"] == out["test_top1"] == pytest.approx(100 * again["top1"], abs=1e-9)
+    assert out["curve"][1]["top1"] == pytest.approx(100 * again["top1"], abs=1e-9)  # epoch 3: the same weights
+    assert summary["test_loss"] == pytest.approx(again["loss"], rel=1e-5)
     assert out["config"]["eval_tta"] == "flip" and out["config"]["width"] == 4
     assert out["config"]["random_erase"] == 0.5 and out["config"]["eval_every"] == 2
     assert out["met"] == (out["test_top1"] >= 5) and out["machine"]["cores"] >= 1

@@ -1,5 +1,7 @@
 """End to end: real `accelerate launch` runs with 2 CPU processes (gloo) on real shards."""
 
+import re
+
 import pytest
 import torch
 from conftest import ROOT, TRAIN, launch, read_json, run_env, shard, train
@@ -18,9 +20,9 @@ def ok(result):
 
 
 @pytest.fixture(scope="module")
-def two_epoch_run(synthetic_shards, tmp_path_factory):
+def two_epoch_run(uneven_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "r"
-    result = ok(train("--data", str(synthetic_shards), "--out", str(out), "--epochs", "2", *TINY))
+    result = ok(train("--data", str(uneven_shards), "--out", str(out), "--epochs", "2", *TINY))
     return out, result
 
 
@@ -28,11 +30,13 @@ def test_run_writes_every_output(two_epoch_run):
     out, _ = two_epoch_run
     summary = read_json(out / "summary.json")
     assert summary["world_size"] == 2 and summary["global_batch"] == 32
-    assert summary["epochs_done"] == 2 and summary["steps_done"] == 2 * (540 // 32)
-    assert summary["eval_counts"] == {"val": 60, "test": 120}  # every eval sample counted once across ranks
+    assert summary["epochs_done"] == 2 and summary["steps_done"] == 2 * (544 // 32)
+    # every eval sample counted once across ranks, the odd one out included (61 and 121 do not split in 2)
+    assert summary["eval_counts"] == {"val": 61, "test": 121}
+    assert summary["lost_eval_samples"] == {"val": 0, "test": 0}
     assert summary["best_val_top1"] > 0.4 and summary["test_top1"] > 0.4  # chance is 0.25: the signal is learnt
     hist = read_json(out / "history.json")
-    assert [h["epoch"] for h in hist] == [1, 2]
+    assert [h["epoch"] for h in hist] == [1, 2] and [h["val_count"] for h in hist] == [61, 61]
     for key in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "data_wait", "epoch_seconds"):
         assert all(key in h for h in hist), key
     assert read_json(out / "config.json")["epochs"] == 2
@@ -128,9 +132,19 @@ def test_grad_accum_equals_larger_batch(tmp_path):
     assert r["sched_steps_accum"] == r["sched_steps_big"] == 2  # once per optimizer step, not per micro-batch
 
 
+def logged_steps(stdout: str) -> list[int]:
+    """Optimizer steps of the `epoch E step S:` lines a run printed (every step with --log-every 1)."""
+    return [int(m) for m in re.findall(r"^epoch \d+ step (\d+):", stdout, re.MULTILINE)]
+
+
 def test_resume_mid_epoch_continues_and_matches_uninterrupted(synthetic_shards, tmp_path):
-    args = ["--data", str(synthetic_shards), "--epochs", "2", "--grad-accum", "2", *TINY]
-    ok(train(*args, "--out", str(tmp_path / "full")))
+    # 2 workers and a 48-sample shuffle block: at the cut each worker has read 80 of its 128 samples, so
+    # the resume starts inside its second block (the block arithmetic of a resumed worker is exercised)
+    args = ["--data", str(synthetic_shards), "--epochs", "2", "--grad-accum", "2", *TINY[:-4]]
+    args += ["--num-workers", "2", "--shuffle-block", "48", "--log-every", "1"]
+    total = 2 * (540 // 64)
+    full = ok(train(*args, "--out", str(tmp_path / "full")))
+    assert logged_steps(full.stdout) == list(range(1, total + 1))
     ok(train(*args, "--out", str(tmp_path / "cut"), "--max-steps", "5"))  # stops mid-epoch 1
     assert read_json(tmp_path / "cut" / "summary.json")["steps_done"] == 5
     other = train(*args, "--seed", "7", "--out", str(tmp_path / "cut"))  # other settings: never mixed in
@@ -139,9 +153,14 @@ def test_resume_mid_epoch_continues_and_matches_uninterrupted(synthetic_shards, 
         f"error: {tmp_path / 'cut'} holds a run with other settings (seed): "
         "choose another --out for a new run, or repeat its settings to resume it"
     )
-    ok(train(*args, "--out", str(tmp_path / "cut")))  # the same command again resumes by itself
+    resumed = ok(train(*args, "--out", str(tmp_path / "cut")))  # the same command again resumes by itself
+    # it really resumed: from the saved step, running only the remaining ones (a fresh start that happened
+    # to reproduce the uninterrupted run would log steps 1-5 again and say nothing of a checkpoint)
+    checkpoint = tmp_path / "cut" / "checkpoints" / "last"
+    assert f"resumed from {checkpoint}: epoch 1, micro-batch 10, optimizer step 5" in resumed.stdout
+    assert logged_steps(resumed.stdout) == list(range(6, total + 1))
     full, cut = read_json(tmp_path / "full" / "summary.json"), read_json(tmp_path / "cut" / "summary.json")
-    assert cut["steps_done"] == full["steps_done"] == 2 * (540 // 64)
+    assert cut["steps_done"] == full["steps_done"] == total
     assert [h["epoch"] for h in read_json(tmp_path / "cut" / "history.json")] == [1, 2]
     a = load_file(tmp_path / "full" / "checkpoints" / "last" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "checkpoints" / "last" / "model.safetensors")
@@ -165,6 +184,13 @@ def test_sync_bn_and_bf16_run(synthetic_shards, tmp_path):
     )
     summary = read_json(out / "summary.json")
     assert summary["mixed_precision"] == "bf16" and summary["world_size"] == 2
+    # the flag really converts the layers: the run's own setup, 2 processes, every BatchNorm synchronized
+    flags = ["--data", str(synthetic_shards), "--out", str(tmp_path / "layers"), "--sync-bn", *TINY]
+    ok(launch(ROOT / "tests" / "scripts" / "sync_bn_layers.py", str(tmp_path), *flags, "--wandb-mode", "disabled"))
+    built = read_json(tmp_path / "sync_bn_layers.json")
+    assert built["world_size"] == 2
+    assert built["layers"] == {"CPUSyncBatchNorm": 1 + 4 * 2 * 2 + 3}  # resnet18: stem, 2 per block, 3 downsamples
+    assert built["moved"] > 0 and built["rank_spread"] < 1e-6  # different images, the same global statistics
 
 
 def test_fp16_on_cpu_is_refused_in_one_line(synthetic_shards, tmp_path):
