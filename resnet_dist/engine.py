@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -118,6 +119,17 @@ def eval_scores(model: torch.nn.Module, images: torch.Tensor, augment: BatchAugm
     return probs.clamp_min(1e-12).log()
 
 
+def share_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) before evaluating.
+
+    DDP broadcasts them at the start of each training forward, and then every rank updates its own
+    copy with its own batch; without this, each rank would evaluate its slice with slightly different
+    statistics from the ones the checkpoint (rank 0's) holds."""
+    if accelerator.num_processes > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 @torch.no_grad()
 def evaluate(
     accelerator: Accelerator,
@@ -134,6 +146,7 @@ def evaluate(
     different numbers of batches.
     """
     model = bare(accelerator, model)
+    share_buffers(accelerator, model)
     was_training = model.training
     model.eval()
     device = accelerator.device
