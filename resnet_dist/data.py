@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import multiprocessing
 import re
 import zlib
 from collections.abc import Iterator
@@ -490,11 +491,25 @@ class ShardStream(IterableDataset):
                 )
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where loader workers come from: a forkserver, not a fork of the training process.
+
+    The training process runs Python threads (rich's refresh, W&B, pin-memory); forking it each epoch
+    once deadlocked a worker inside the fork (PyOS_AfterFork_Child waiting on a lock a thread held), and
+    the run then waited forever on it. A forkserver forks from a clean single-threaded process with
+    torch and this module already imported, so each epoch's workers still start in milliseconds; the
+    server itself starts once per process (a few seconds)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["resnet_dist.data"])
+    return context
+
+
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader over a ShardStream: batches are made in the workers, so batch_size=None here.
 
-    Workers are re-created each epoch (not persistent) so they pick up set_epoch(); with fork that
-    costs milliseconds.
+    Workers are re-created each epoch (not persistent) so they pick up set_epoch().
     """
     return DataLoader(
         stream,
@@ -504,4 +519,5 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> Data
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
         worker_init_fn=ignore_stop_signals if num_workers else None,
+        multiprocessing_context=worker_context() if num_workers else None,
     )
