@@ -25,11 +25,18 @@ class Diverged(TrainingError):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+# Under `accelerate launch` one Ctrl-C reaches a rank twice: from the terminal (the whole process group)
+# and again forwarded by torchrun, milliseconds later. Only a SIGINT this long after the first is a
+# second Ctrl-C; a person pressing it again takes longer.
+SECOND_CTRL_C_AFTER = 1.0  # seconds
+
+
 class StopRequest:
-    """Records SIGTERM/SIGINT instead of dying mid-step; a second SIGINT stops at once."""
+    """Records SIGTERM/SIGINT instead of dying mid-step; a second Ctrl-C stops at once."""
 
     def __init__(self):
-        self.signum: int | None = None
+        self.signum: int | None = None  # the first stop signal: it names the stop and the exit code
+        self._ctrl_c_at: float | None = None
         self._previous = {}
 
     def install(self) -> None:
@@ -42,9 +49,14 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the checkpoint
-        self.signum = signum
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._ctrl_c_at is not None and now - self._ctrl_c_at >= SECOND_CTRL_C_AFTER:
+                raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the checkpoint
+            if self._ctrl_c_at is None:
+                self._ctrl_c_at = now
+        if self.signum is None:
+            self.signum = signum
 
     @property
     def name(self) -> str:
