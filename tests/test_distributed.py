@@ -4,58 +4,22 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import SCRIPTS, launch
 from torch import nn
 
 from resnet_dist.distributed import CPUSyncBatchNorm, convert_sync_batchnorm
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "scripts"
-CPU_DDP = ROOT / "accelerate_configs" / "cpu_ddp.yaml"
 TOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(script: str, *args: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` 2 processes with cpu_ddp.yaml, as the README tells users to."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_DDP),
-        "--main_process_port",
-        str(free_port()),
-        "--num_processes",
-        "2",
-        str(SCRIPTS / script),
-        *args,
-    ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "OMP_NUM_THREADS": "1",
-    }  # 2 processes on 2 cores: no oversubscription
-    env.pop("WORLD_SIZE", None)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
 def syncbn(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("syncbn")
-    proc = launch("syncbn_check.py", str(out))
+    proc = launch(SCRIPTS / "syncbn_check.py", str(out), timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "syncbn.json").read_text())
 
@@ -98,7 +62,7 @@ def test_the_comparison_fails_without_sync(syncbn: dict, case: str) -> None:
 @pytest.mark.slow
 def test_processes_that_did_not_join_one_group_stop_with_a_clear_error(tmp_path: Path) -> None:
     # The verified trap: MULTI_GPU launch on a CPU-only machine without Accelerator(cpu=True).
-    proc = launch("world_size_check.py", "no", str(tmp_path))
+    proc = launch(SCRIPTS / "world_size_check.py", "no", str(tmp_path), timeout=180)
     seen = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert seen and all(s["WORLD_SIZE"] == "2" and s["num_processes"] == 1 for s in seen), seen
     assert proc.returncode != 0

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from helpers import free_port
 
 from resnet_dist.errors import DataError, UsageError
 from resnet_dist.storage import check_shards, open_shard, read_bytes, read_index
