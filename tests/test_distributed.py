@@ -1,17 +1,30 @@
-"""Synchronized BatchNorm and the world-size check, with real 2-process `accelerate launch` runs on CPU (gloo)."""
+"""Synchronized BatchNorm, the world-size check and the bounded rendezvous, with real 2-process
+`accelerate launch` runs on CPU (gloo)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SCRIPTS, launch
+import torch.distributed as dist
+from helpers import ROOT, SCRIPTS, TRAIN, launch, run_env
 from torch import nn
 
-from resnet_dist.distributed import CPUSyncBatchNorm, convert_sync_batchnorm
+from resnet_dist.distributed import (
+    DEFAULT_RENDEZVOUS_TIMEOUT_S,
+    CPUSyncBatchNorm,
+    convert_sync_batchnorm,
+    rendezvous_timeout,
+)
+from resnet_dist.errors import UsageError
 
 TOL = 1e-5
 
@@ -70,6 +83,60 @@ def test_processes_that_did_not_join_one_group_stop_with_a_clear_error(tmp_path:
         "error: launched 2 processes (WORLD_SIZE=2) but this one sees 1: they did not join one process group; "
         "on a CPU-only machine launch with accelerate_configs/cpu_ddp.yaml"
     ) in proc.stderr
+
+
+# Rendezvous: concurrent launches never meet, and a rank never waits for its peers without end or word.
+
+
+@pytest.fixture
+def peer_port(request):
+    """A port for rank 1's rendezvous, held by this test so no other job can take it: a real store that
+    rank 0 never joins, a listener that never answers, or a bound socket that refuses connections."""
+    if request.param == "store":
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        yield store.port, r"rank 0 of 2 never arrived \(did it start\? see its log\)"
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        if request.param == "silent":
+            sock.listen(8)  # the kernel completes the connection; nobody ever reads or writes
+            yield sock.getsockname()[1], r"something listens there but does not answer as a rendezvous store"
+        else:
+            yield sock.getsockname()[1], r"nothing listens there \(is the launcher alive\?\)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peer_port", ["store", "silent", "refused"], indirect=True)
+def test_rendezvous_wait_is_bounded_and_ends_in_one_line(synthetic_shards, tmp_path, peer_port) -> None:
+    port, cause = peer_port
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), "--data", str(synthetic_shards), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+        env=run_env(RESNET_DIST_RENDEZVOUS_TIMEOUT="3", **env),
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
+    assert re.fullmatch(
+        rf"\[rank 1\] error: no rendezvous at 127\.0\.0\.1:{port} within 3 s: {cause}.*; "
+        r"RESNET_DIST_RENDEZVOUS_TIMEOUT sets the wait\n",
+        result.stderr,
+    ), result.stderr
+    assert elapsed < DEFAULT_RENDEZVOUS_TIMEOUT_S / 2, elapsed  # the wait set, not the default 300 s
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan"])
+def test_a_bad_rendezvous_timeout_is_a_usage_error(monkeypatch, value) -> None:
+    monkeypatch.setenv("RESNET_DIST_RENDEZVOUS_TIMEOUT", value)
+    with pytest.raises(
+        UsageError, match=rf"^RESNET_DIST_RENDEZVOUS_TIMEOUT must be a number of seconds > 0, got '{value}'$"
+    ):
+        rendezvous_timeout()
 
 
 # In-process: no process group, so CPUSyncBatchNorm must be exactly BatchNorm.
