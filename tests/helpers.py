@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +18,15 @@ TRAIN = ROOT / "launch" / "train.py"
 SCRIPTS = ROOT / "tests" / "scripts"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_env(**extra) -> dict:
-    """The environment of every subprocess: this checkout's package first, no W&B account, no inherited world."""
-    env = dict(os.environ, WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    """The environment of every subprocess: this checkout's package first, no W&B account, no inherited world.
+
+    PET_STANDALONE=1 is torchrun's --standalone, which `accelerate launch` passes through (it fills torchrun's
+    own arguments from their PET_ variables): each launch serves its rendezvous on a port the OS assigns as it
+    binds (port 0), so concurrent launches, the tests' own or other jobs', cannot meet at one port. Picking a
+    free port first and handing it over leaves a gap in which another job can take it.
+    """
+    env = dict(os.environ, WANDB_SILENT="true", PYTHONUNBUFFERED="1", PET_STANDALONE="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env.pop("WANDB_API_KEY", None)
     env.pop("WORLD_SIZE", None)  # a launched child must see its launcher's world, not the test runner's
@@ -58,7 +57,8 @@ def shard(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def launch_cmd(processes: int = 2, mixed_precision: str = "no") -> list[str]:
     """The `accelerate launch` command line, up to the script: `processes` CPU processes joined by gloo
-    (cpu_ddp.yaml, as the README tells users), or one process with no torchrun and no process group."""
+    (cpu_ddp.yaml, as the README tells users), or one process with no torchrun and no process group.
+    No --main_process_port: under run_env's standalone rendezvous the port in cpu_ddp.yaml is not bound."""
     head = [sys.executable, "-m", "accelerate.commands.launch"]
     if processes == 1:
         one = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", mixed_precision]
@@ -69,8 +69,6 @@ def launch_cmd(processes: int = 2, mixed_precision: str = "no") -> list[str]:
         str(CPU_DDP),
         "--num_processes",
         str(processes),
-        "--main_process_port",
-        str(free_port()),
         "--mixed_precision",
         mixed_precision,
     ]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import ROOT, SCRIPTS, TRAIN, launch, run_env
+from helpers import ROOT, SCRIPTS, TRAIN, launch, launch_cmd, run_env
 from torch import nn
 
 from resnet_dist.distributed import (
@@ -86,6 +86,22 @@ def test_processes_that_did_not_join_one_group_stop_with_a_clear_error(tmp_path:
 
 
 # Rendezvous: concurrent launches never meet, and a rank never waits for its peers without end or word.
+
+
+@pytest.mark.slow
+def test_concurrent_launches_each_form_their_own_group(tmp_path: Path) -> None:
+    # Three at once, all given cpu_ddp.yaml's one port: each must gather its own two tokens and nothing else.
+    runs = []
+    for token in ("alpha", "bravo", "charlie"):
+        (tmp_path / token).mkdir()
+        cmd = [*launch_cmd(2), str(SCRIPTS / "group_token.py"), token, str(tmp_path / token)]
+        runs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=run_env(OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True)
+        )
+    for token, proc in zip(("alpha", "bravo", "charlie"), runs):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert json.loads((tmp_path / token / "group.json").read_text())["tokens"] == [token, token]
 
 
 @pytest.fixture
