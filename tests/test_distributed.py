@@ -32,7 +32,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def syncbn(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("syncbn")
-    proc = launch(SCRIPTS / "syncbn_check.py", str(out), timeout=180)
+    proc = launch(SCRIPTS / "syncbn_check.py", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "syncbn.json").read_text())
 
@@ -75,7 +75,7 @@ def test_the_comparison_fails_without_sync(syncbn: dict, case: str) -> None:
 @pytest.mark.slow
 def test_processes_that_did_not_join_one_group_stop_with_a_clear_error(tmp_path: Path) -> None:
     # The verified trap: MULTI_GPU launch on a CPU-only machine without Accelerator(cpu=True).
-    proc = launch(SCRIPTS / "world_size_check.py", "no", str(tmp_path), timeout=180)
+    proc = launch(SCRIPTS / "world_size_check.py", "no", str(tmp_path))
     seen = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert seen and all(s["WORLD_SIZE"] == "2" and s["num_processes"] == 1 for s in seen), seen
     assert proc.returncode != 0
