@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resnet_dist.errors import UsageError
+from resnet_dist.errors import TrainingError, UsageError
+
+ENV_RENDEZVOUS_TIMEOUT = "RESNET_DIST_RENDEZVOUS_TIMEOUT"
+# Seconds each rank may take to reach the launcher's store and meet every other rank. 300 s covers a cold
+# start of many ranks on a loaded machine; a wrong port or a rank that never started then fails within
+# minutes, not after torch's own wait (the collective timeout: 30 min by default).
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 300.0
 
 
 def check_world_size(accelerator) -> None:
@@ -28,6 +38,81 @@ def check_world_size(accelerator) -> None:
             f"{accelerator.num_processes}: they did not join one process group; on a CPU-only machine launch with "
             "accelerate_configs/cpu_ddp.yaml and create the Accelerator with cpu=True (that file says why)"
         )
+
+
+def rendezvous_timeout() -> float:
+    raw = os.environ.get(ENV_RENDEZVOUS_TIMEOUT, "").strip()
+    if not raw:
+        return DEFAULT_RENDEZVOUS_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:  # also refuses nan
+        raise UsageError(f"{ENV_RENDEZVOUS_TIMEOUT} must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
+def await_peers() -> None:
+    """Meet every launched rank at the launcher's store, within a bounded wait, before the process group forms.
+
+    Without it a rank waits in torch's rendezvous as long as the collective timeout when a peer never
+    starts, and forever when something other than a store listens at MASTER_PORT (a TCPStore client
+    connects, then waits for an answer that never comes): a job that hangs without a word. Raises
+    TrainingError naming the address, the wait and what is missing. Does nothing without a launcher.
+    """
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return  # not a launcher we know; check_world_size speaks about the world later
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    if world < 2 or not addr or not port.isdigit() or dist.is_initialized():
+        return
+    wait = rendezvous_timeout()
+    state = {"stage": "nothing listens there (is the launcher alive?)"}
+    args = (addr, int(port), rank, world, time.monotonic() + wait, state)
+    meet = threading.Thread(target=_meet, args=args, name="rendezvous", daemon=True)
+    meet.start()
+    meet.join(wait + 1)  # _meet keeps the deadline itself, except inside a TCPStore handshake that never ends
+    if not state.get("done"):
+        raise TrainingError(
+            f"no rendezvous at {addr}:{port} within {wait:g} s: {state['stage']}; "
+            f"{ENV_RENDEZVOUS_TIMEOUT} sets the wait"
+        )
+
+
+def _meet(addr: str, port: int, rank: int, world: int, deadline: float, state: dict) -> None:
+    """Connect to the store, leave this rank's mark, wait for all `world` marks; `state` says how far it got."""
+    try:
+        while not _accepts(addr, port, deadline):
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
+        state["stage"] = "something listens there but does not answer as a rendezvous store (another program's port?)"
+        left = timedelta(seconds=max(deadline - time.monotonic(), 1))
+        store = dist.TCPStore(addr, port, is_master=False, timeout=left, wait_for_workers=False)
+        elastic = (os.environ.get("TORCHELASTIC_RUN_ID", "run"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        prefix = "resnet_dist/{}/restart-{}/arrived".format(*elastic)  # a restarted job meets afresh
+        store.set(f"{prefix}/{rank}", "1")
+        store.add(f"{prefix}/count", 1)
+        while store.add(f"{prefix}/count", 0) < world:  # one store call a poll, however many ranks
+            if time.monotonic() >= deadline:
+                missing = [r for r in range(world) if not store.check([f"{prefix}/{r}"])]
+                named = ", ".join(map(str, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+                state["stage"] = f"rank {named} of {world} never arrived (did it start? see its log)"
+                return
+            time.sleep(0.2)
+        state["done"] = True
+    except Exception as exc:  # the store refused us or went away; say so in the one line
+        state["stage"] += f" ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+
+
+def _accepts(addr: str, port: int, deadline: float) -> bool:
+    try:
+        with socket.create_connection((addr, port), timeout=max(min(deadline - time.monotonic(), 5), 0.1)):
+            return True
+    except OSError:
+        return False
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -20,7 +20,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from resnet_dist.augment import BatchAugment
 from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream, make_loader
-from resnet_dist.distributed import check_world_size
+from resnet_dist.distributed import await_peers, check_world_size
 from resnet_dist.errors import UsageError
 from resnet_dist.guard import StepGuard
 from resnet_dist.hardware import cpu_has_bf16
@@ -48,6 +48,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     )  # torch's default; overlaps all-reduce with the backward pass
     # A dead or hung rank makes the others wait in a collective: this bounds the wait.
     group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
+    await_peers()  # a bounded wait for the other ranks first: torch's own is long, or endless on a wrong port
     accelerator = Accelerator(
         cpu=on_cpu,  # without it, a CPU-only launch of N processes gives N runs of world size 1
         mixed_precision=precision_override(cfg, on_cpu),

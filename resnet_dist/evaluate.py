@@ -26,7 +26,7 @@ from resnet_dist.augment import BatchAugment
 from resnet_dist.checkpoint import find_checkpoint, load_weights
 from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream
-from resnet_dist.distributed import check_world_size, end_run
+from resnet_dist.distributed import await_peers, check_world_size, end_run
 from resnet_dist.engine import evaluate
 from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
 from resnet_dist.filesafe import save_figure, write_json_atomic
@@ -269,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     suffix = "-tta" if args.tta == "flip" else ""
     out = Path(args.out) if args.out else run_folder_of(checkpoint) / f"eval-{args.split}{suffix}"
 
+    await_peers()  # bounded: never a silent wait for a rank that is not coming
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     check_world_size(accelerator)
     cfg = config_of(meta)

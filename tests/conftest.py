@@ -1,96 +1,12 @@
-"""Shared test helpers: real shards from the real CLI, real `accelerate launch` runs."""
+"""Fixtures only; the helpers every test file shares live in helpers.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-CPU_DDP = ROOT / "accelerate_configs" / "cpu_ddp.yaml"
-TRAIN = ROOT / "launch" / "train.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_env(**extra) -> dict:
-    env = dict(os.environ, WANDB_SILENT="true", PYTHONUNBUFFERED="1", **extra)
-    env.pop("WANDB_API_KEY", None)
-    return env
-
-
-def shard(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m resnet_dist.shard ARGS`, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "resnet_dist.shard", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=run_env(),
-    )
-
-
-def launch(
-    script: Path,
-    *args: str,
-    processes: int = 2,
-    mixed_precision: str = "no",
-    timeout: int = 600,
-    env: dict | None = None,
-) -> subprocess.CompletedProcess:
-    """A real `accelerate launch` of `script` with `processes` CPU processes joined by gloo."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_DDP),
-        "--num_processes",
-        str(processes),
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        mixed_precision,
-        str(script),
-        *args,
-    ]
-    if processes == 1:  # a single process: no torchrun, no process group
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            mixed_precision,
-            "--dynamo_backend",
-            "no",
-            str(script),
-            *args,
-        ]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=run_env(OMP_NUM_THREADS="1", **(env or {}))
-    )
-
-
-def train(*args: str, **kw) -> subprocess.CompletedProcess:
-    return launch(TRAIN, *args, **kw)
-
-
-def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+from helpers import shard
 
 
 @pytest.fixture(scope="session")

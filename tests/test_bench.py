@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_env
+from helpers import ROOT, run_env
 
 ROW_KEYS = {"suite", "case", "ours", "baseline", "baseline_name", "ratio", "unit"}
 TINY = ["--repeats", "1", "--warmup", "1", "--batches", "2"]

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TRAIN, run_env
+from helpers import ROOT, TRAIN, run_env
 
 from resnet_dist.config import TrainConfig, parse_args
 from resnet_dist.errors import UsageError

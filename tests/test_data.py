@@ -4,7 +4,7 @@ import hashlib
 from collections import Counter
 
 import pytest
-from conftest import shard
+from helpers import shard
 
 from resnet_dist.data import ShardStream, epoch_shard_order, make_loader, pieces_for_range
 from resnet_dist.index import ShardInfo, SplitInfo

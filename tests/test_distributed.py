@@ -1,61 +1,38 @@
-"""Synchronized BatchNorm and the world-size check, with real 2-process `accelerate launch` runs on CPU (gloo)."""
+"""Synchronized BatchNorm, the world-size check and the bounded rendezvous, with real 2-process
+`accelerate launch` runs on CPU (gloo)."""
 
 from __future__ import annotations
 
 import copy
 import json
-import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from helpers import ROOT, SCRIPTS, TRAIN, launch, launch_cmd, run_env
 from torch import nn
 
-from resnet_dist.distributed import CPUSyncBatchNorm, convert_sync_batchnorm
+from resnet_dist.distributed import (
+    DEFAULT_RENDEZVOUS_TIMEOUT_S,
+    CPUSyncBatchNorm,
+    convert_sync_batchnorm,
+    rendezvous_timeout,
+)
+from resnet_dist.errors import UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "scripts"
-CPU_DDP = ROOT / "accelerate_configs" / "cpu_ddp.yaml"
 TOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(script: str, *args: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` 2 processes with cpu_ddp.yaml, as the README tells users to."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_DDP),
-        "--main_process_port",
-        str(free_port()),
-        "--num_processes",
-        "2",
-        str(SCRIPTS / script),
-        *args,
-    ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "OMP_NUM_THREADS": "1",
-    }  # 2 processes on 2 cores: no oversubscription
-    env.pop("WORLD_SIZE", None)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
 def syncbn(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("syncbn")
-    proc = launch("syncbn_check.py", str(out))
+    proc = launch(SCRIPTS / "syncbn_check.py", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "syncbn.json").read_text())
 
@@ -98,7 +75,7 @@ def test_the_comparison_fails_without_sync(syncbn: dict, case: str) -> None:
 @pytest.mark.slow
 def test_processes_that_did_not_join_one_group_stop_with_a_clear_error(tmp_path: Path) -> None:
     # The verified trap: MULTI_GPU launch on a CPU-only machine without Accelerator(cpu=True).
-    proc = launch("world_size_check.py", "no", str(tmp_path))
+    proc = launch(SCRIPTS / "world_size_check.py", "no", str(tmp_path))
     seen = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert seen and all(s["WORLD_SIZE"] == "2" and s["num_processes"] == 1 for s in seen), seen
     assert proc.returncode != 0
@@ -106,6 +83,76 @@ def test_processes_that_did_not_join_one_group_stop_with_a_clear_error(tmp_path:
         "error: launched 2 processes (WORLD_SIZE=2) but this one sees 1: they did not join one process group; "
         "on a CPU-only machine launch with accelerate_configs/cpu_ddp.yaml"
     ) in proc.stderr
+
+
+# Rendezvous: concurrent launches never meet, and a rank never waits for its peers without end or word.
+
+
+@pytest.mark.slow
+def test_concurrent_launches_each_form_their_own_group(tmp_path: Path) -> None:
+    # Three at once, all given cpu_ddp.yaml's one port: each must gather its own two tokens and nothing else.
+    runs = []
+    for token in ("alpha", "bravo", "charlie"):
+        (tmp_path / token).mkdir()
+        cmd = [*launch_cmd(2), str(SCRIPTS / "group_token.py"), token, str(tmp_path / token)]
+        runs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=run_env(OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True)
+        )
+    for token, proc in zip(("alpha", "bravo", "charlie"), runs):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert json.loads((tmp_path / token / "group.json").read_text())["tokens"] == [token, token]
+
+
+@pytest.fixture
+def peer_port(request):
+    """A port for rank 1's rendezvous, held by this test so no other job can take it: a real store that
+    rank 0 never joins, a listener that never answers, or a bound socket that refuses connections."""
+    if request.param == "store":
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        yield store.port, r"rank 0 of 2 never arrived \(did it start\? see its log\)"
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        if request.param == "silent":
+            sock.listen(8)  # the kernel completes the connection; nobody ever reads or writes
+            yield sock.getsockname()[1], r"something listens there but does not answer as a rendezvous store"
+        else:
+            yield sock.getsockname()[1], r"nothing listens there \(is the launcher alive\?\)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peer_port", ["store", "silent", "refused"], indirect=True)
+def test_rendezvous_wait_is_bounded_and_ends_in_one_line(synthetic_shards, tmp_path, peer_port) -> None:
+    port, cause = peer_port
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), "--data", str(synthetic_shards), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+        env=run_env(RESNET_DIST_RENDEZVOUS_TIMEOUT="3", **env),
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
+    assert re.fullmatch(
+        rf"\[rank 1\] error: no rendezvous at 127\.0\.0\.1:{port} within 3 s: {cause}.*; "
+        r"RESNET_DIST_RENDEZVOUS_TIMEOUT sets the wait\n",
+        result.stderr,
+    ), result.stderr
+    assert elapsed < DEFAULT_RENDEZVOUS_TIMEOUT_S / 2, elapsed  # the wait set, not the default 300 s
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan"])
+def test_a_bad_rendezvous_timeout_is_a_usage_error(monkeypatch, value) -> None:
+    monkeypatch.setenv("RESNET_DIST_RENDEZVOUS_TIMEOUT", value)
+    with pytest.raises(
+        UsageError, match=rf"^RESNET_DIST_RENDEZVOUS_TIMEOUT must be a number of seconds > 0, got '{value}'$"
+    ):
+        rendezvous_timeout()
 
 
 # In-process: no process group, so CPUSyncBatchNorm must be exactly BatchNorm.

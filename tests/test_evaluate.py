@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_DDP, ROOT, TRAIN, free_port, read_json, run_env, shard
+from helpers import ROOT, TRAIN, launch_cmd, ok, read_json, run_env, shard
 
 from resnet_dist.augment import BatchAugment
 from resnet_dist.data import ShardStream, make_loader
@@ -41,30 +41,10 @@ def run(*args, launch=False, timeout=300):
     """The evaluate command as a user types it; with launch=True under a 2-process `accelerate launch`."""
     cmd = [sys.executable, "-m", "resnet_dist.evaluate", *args]
     if launch:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(CPU_DDP),
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            str(free_port()),
-            "--mixed_precision",
-            "no",
-            "-m",
-            "resnet_dist.evaluate",
-            *args,
-        ]
+        cmd = [*launch_cmd(2), "-m", "resnet_dist.evaluate", *args]
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=run_env(OMP_NUM_THREADS="1")
     )
-
-
-def ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import CPU_DDP, ROOT, TRAIN, free_port, read_json, run_env, shard, train
+from helpers import ROOT, SCRIPTS, TRAIN, launch, launch_cmd, ok, read_json, run_env, shard, train
 from safetensors.torch import load_file
 
 from resnet_dist.checkpoint import find_checkpoint, load_checkpoint
@@ -26,11 +26,6 @@ from resnet_dist.guard import SECOND_CTRL_C_AFTER
 
 pytestmark = pytest.mark.slow
 TINY = ["--width", "8", "--batch-size", "16", "--lr", "0.05", "--num-workers", "1", "--wandb-mode", "disabled"]
-
-
-def ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 def errors(result) -> list[str]:
@@ -65,23 +60,7 @@ def data(tmp_path_factory) -> Path:
 
 def start(*args: str, processes: int = 2) -> subprocess.Popen:
     """A real `accelerate launch` in the background, in its own session so a test can signal it as a shell would."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_DDP),
-        "--num_processes",
-        str(processes),
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        "no",
-        str(TRAIN),
-        *args,
-        "--log-every",
-        "1",
-    ]
+    cmd = [*launch_cmd(processes), str(TRAIN), *args, "--log-every", "1"]
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -450,24 +429,7 @@ def test_frozen_rank_ends_the_job_with_an_error_naming_it(data, tmp_path):
 
 
 def test_nan_step_is_skipped_on_every_rank_and_training_goes_on(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(CPU_DDP),
-            "--main_process_port",
-            str(free_port()),
-            str(ROOT / "tests" / "scripts" / "nan_step.py"),
-            str(tmp_path / "r.json"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=run_env(OMP_NUM_THREADS="1"),
-        timeout=300,
-    )
+    result = launch(SCRIPTS / "nan_step.py", str(tmp_path / "r.json"), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     r = read_json(tmp_path / "r.json")
     assert r["bad_steps"] == 1, r

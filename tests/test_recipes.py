@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TRAIN, read_json, run_env, shard, train
+from helpers import ROOT, TRAIN, read_json, run_env, shard, train
 
 from resnet_dist.config import TrainConfig, parse_args
 from resnet_dist.errors import UsageError

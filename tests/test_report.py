@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, read_json, run_env
+from helpers import ROOT, ok, read_json, run_env
 
 pytestmark = pytest.mark.slow
 SWEEP = ROOT / "launch" / "sweep.py"
@@ -38,11 +38,6 @@ def cmd(*args, timeout=300):
         cwd=ROOT,
         env=run_env(OMP_NUM_THREADS="1"),
     )
-
-
-def ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")

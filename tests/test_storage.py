@@ -7,7 +7,7 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import read_json, train
+from helpers import read_json, train
 
 from resnet_dist.data import ShardStream, make_loader
 from resnet_dist.errors import DataError
@@ -98,7 +98,7 @@ def test_damaged_shard_with_strict_data_is_one_line_naming_the_shard(synthetic_s
     import subprocess
     import sys
 
-    from conftest import ROOT, TRAIN, run_env
+    from helpers import ROOT, TRAIN, run_env
 
     copy = tmp_path / "ds"
     shutil.copytree(synthetic_shards, copy)

@@ -10,7 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import shard
+from helpers import shard
 from PIL import Image
 
 from resnet_dist.data import Piece, collate, decode_image, png_is_sound, tar_members, tar_samples

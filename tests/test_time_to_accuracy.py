@@ -10,7 +10,7 @@ import sys
 
 import fabricate
 import pytest
-from conftest import CPU_DDP, ROOT, free_port, read_json, run_env
+from helpers import ROOT, launch_cmd, read_json, run_env
 
 from resnet_dist.evaluate import main as evaluate_main
 
@@ -35,10 +35,7 @@ def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def measured(tmp_path_factory):
     base = tmp_path_factory.mktemp("tta")
     fabricate.make_idx(base / "fm", train=300, test=100)
-    launch = (
-        f"{shlex.quote(sys.executable)} -m accelerate.commands.launch --config_file {CPU_DDP} "
-        f"--num_processes 2 --main_process_port {free_port()} --mixed_precision no"
-    )
+    launch = shlex.join(launch_cmd(2))
     result = run_script(
         "--recipe",
         "fashion-mnist-demo",

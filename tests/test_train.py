@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import ROOT, TRAIN, launch, read_json, run_env, shard, train
+from helpers import ROOT, TRAIN, launch, ok, read_json, run_env, shard, train
 from safetensors.torch import load_file
 from wandb_log import config, history, run_file, summary
 
@@ -12,11 +12,6 @@ from resnet_dist.hardware import cpu_has_bf16
 
 pytestmark = pytest.mark.slow
 TINY = ["--width", "8", "--batch-size", "16", "--lr", "0.05", "--num-workers", "1", "--log-every", "5"]
-
-
-def ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")

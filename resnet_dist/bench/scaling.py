@@ -47,7 +47,9 @@ def worker_args(args, out: Path, threads: int, precision: str) -> list[str]:
 def scaling_suite(args, tmp: Path) -> list[dict]:
     """Two subprocesses at the same global batch: 1 process x 2 threads, then 2 x 1 under accelerate launch."""
     precision = fast_precision()
-    env = dict(os.environ, WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    # PET_STANDALONE=1 is torchrun's --standalone, which accelerate launch passes through: the rendezvous
+    # binds a port the OS picks, so the bench cannot collide with another job's launch at a port.
+    env = dict(os.environ, WANDB_SILENT="true", PYTHONUNBUFFERED="1", PET_STANDALONE="1")
     one, two = tmp / "scaling-1x2.json", tmp / "scaling-2x1.json"
     run_checked([sys.executable, *worker_args(args, one, 2, precision)], dict(env, OMP_NUM_THREADS="2"))
     launch = [
@@ -58,8 +60,6 @@ def scaling_suite(args, tmp: Path) -> list[dict]:
         str(CPU_DDP),
         "--num_processes",
         "2",
-        "--main_process_port",
-        str(free_port()),
         "--mixed_precision",
         precision,
     ]
@@ -83,14 +83,6 @@ def scaling_suite(args, tmp: Path) -> list[dict]:
     ]
     say(rows)
     return rows
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_checked(cmd: list[str], env: dict) -> None:
