@@ -13,11 +13,15 @@ normalisation happen on the training device (resnet_dist.augment).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
 import multiprocessing
+import os
 import re
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -491,6 +495,28 @@ class ShardStream(IterableDataset):
                 )
 
 
+def start_worker(_worker_id: int, trainer_pid: int) -> None:
+    """DataLoader worker_init_fn: ignore Ctrl-C (guard.ignore_stop_signals), and leave when the trainer dies.
+
+    torch's own watchdog in a worker watches the worker's parent, which under a forkserver is the server,
+    not the trainer; and the server stays up while any worker holds its liveness pipe. A trainer killed
+    with SIGKILL (or leaving through os._exit) would leave both behind forever, holding its stdout and
+    stderr open. So each worker watches the trainer's pid itself."""
+    ignore_stop_signals()
+    threading.Thread(target=_exit_with, args=(trainer_pid,), name="trainer-watchdog", daemon=True).start()
+
+
+def _exit_with(pid: int, every: float = 1.0) -> None:
+    while True:
+        time.sleep(every)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # the pid was reused by another user's process: ours is gone
+            os._exit(0)
+
+
 def worker_context() -> multiprocessing.context.BaseContext:
     """Where loader workers come from: a forkserver, not a fork of the training process.
 
@@ -518,6 +544,6 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> Data
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
-        worker_init_fn=ignore_stop_signals if num_workers else None,
+        worker_init_fn=functools.partial(start_worker, trainer_pid=os.getpid()) if num_workers else None,
         multiprocessing_context=worker_context() if num_workers else None,
     )
