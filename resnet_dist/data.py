@@ -20,6 +20,7 @@ import math
 import multiprocessing
 import os
 import re
+import select
 import threading
 import time
 import zlib
@@ -506,15 +507,32 @@ def start_worker(_worker_id: int, trainer_pid: int) -> None:
     threading.Thread(target=_exit_with, args=(trainer_pid,), name="trainer-watchdog", daemon=True).start()
 
 
-def _exit_with(pid: int, every: float = 1.0) -> None:
-    while True:
-        time.sleep(every)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            os._exit(0)
-        except PermissionError:  # the pid was reused by another user's process: ours is gone
-            os._exit(0)
+def _exit_with(pid: int) -> None:
+    """Return never; end this process once `pid` has exited. A pidfd turns readable when the process
+    exits, also while it lingers as a zombie its parent has not reaped yet (a test waiting on our
+    stdout, say); `os.kill(pid, 0)` would still find a zombie alive."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(0)
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+): poll, and read the state where /proc has it
+        while _alive(pid):
+            time.sleep(1.0)
+        os._exit(0)
+    select.select([fd], [], [])
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or the pid was reused by another user's process
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return True
 
 
 def worker_context() -> multiprocessing.context.BaseContext:

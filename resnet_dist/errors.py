@@ -85,8 +85,22 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         # once; a launcher sees the exit code and stops the other ranks.
         sys.stdout.flush()
         sys.stderr.flush()
+        _release_workers()
         os._exit(code)
     sys.exit(code or 0)
+
+
+def _release_workers() -> None:
+    """Before os._exit: kill loader workers (they ignore SIGTERM) and unlink the named semaphores of their
+    queues. Under a forkserver those are named and tracked; left to the resource tracker, it prints a
+    'leaked semaphore objects' warning after our one error line. Multiprocessing's exit finalizers
+    (priority >= 0) are what a normal exit runs to unlink them; the joins it would also do are skipped."""
+    import multiprocessing
+    import multiprocessing.util
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    multiprocessing.util._run_finalizers(0)
 
 
 def _others_involved() -> bool:

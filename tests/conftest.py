@@ -9,6 +9,17 @@ import pytest
 from helpers import shard
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state: an Accelerator made in this process by one test (the bench's
+    bf16 step, say) would set the precision of the next test's in-process evaluate. Each test starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+
+
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
     """A small 10-class, 16x16 RGB dataset with a learnable signal, in several uneven shards."""

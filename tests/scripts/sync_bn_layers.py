@@ -28,14 +28,14 @@ from resnet_dist.trainer import setup
 def main(outdir: str, argv: list[str]) -> None:
     cfg, _ = parse_args(argv)
     run = setup(cfg)
-    acc = run.accelerator
-    model = bare(acc, run.model)
+    acc = run.step.accelerator
+    model = bare(acc, run.step.model)
     layers = Counter(type(m).__name__ for m in model.modules() if isinstance(m, _BatchNorm))
     h, w = run.index.image_size
     torch.manual_seed(100 + acc.process_index)  # each rank its own images: local statistics differ
     images = torch.randint(0, 256, (8, h, w, run.index.channels), dtype=torch.uint8, device=acc.device)
-    run.model.train()
-    run.model(run.augment.eval(images))
+    run.step.model.train()
+    run.step.model(run.step.augment.eval(images))
     first = next(m for m in model.modules() if isinstance(m, _BatchNorm))
     means = [torch.zeros_like(first.running_mean) for _ in range(acc.num_processes)]
     dist.all_gather(means, first.running_mean.detach().contiguous())
