@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fabricate  # noqa: E402
 
 from resnet_dist import shard  # noqa: E402
-from resnet_dist.errors import DataError, UsageError  # noqa: E402
+from resnet_dist.errors import DataError  # noqa: E402
 from resnet_dist.index import load_index  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,8 +83,8 @@ def label(members: dict[str, bytes], suffix: str = "cls") -> int:
 
 def numpy_mean_std(out: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     index = load_index(out)
-    images = np.stack([pixels(image_of(m)[1], index.channels) for _, m in read_split(out, split)])
-    flat = images.reshape(-1, index.channels).astype(np.float64) / 255
+    images = [pixels(image_of(m)[1], index.channels) for _, m in read_split(out, split)]
+    flat = np.concatenate([im.reshape(-1, index.channels) for im in images]).astype(np.float64) / 255
     return flat.mean(0), flat.std(0)
 
 
@@ -211,9 +211,19 @@ def test_messy_imagefolder(tmp_path):
         for rel, data, lab in zip(truth.paths[split], truth.images[split], truth.labels[split]):
             if rel.endswith(".bmp"):  # not PNG/JPEG: re-encoded, losslessly, to PNG
                 assert by_pixels[pixels(data, 3).tobytes()] == lab
-            else:  # PNG/JPEG in any mode: the file itself, untouched
+            elif rel == "train/dog/f.jpg":  # CMYK: converted to an RGB JPEG, lossy stays lossy
+                assert data not in by_payload
+                (converted,) = [m for _, m in got if "jpg" in m and m["jpg"] not in truth.images[split]]
+                assert label(converted) == lab and Image.open(io.BytesIO(converted["jpg"])).mode == "RGB"
+                # the same picture through one JPEG round trip (pure noise: only its averages survive)
+                got_mean, want_mean = pixels(converted["jpg"], 3).mean((0, 1)), pixels(data, 3).mean((0, 1))
+                assert np.abs(got_mean - want_mean).max() < 3, (got_mean, want_mean)
+            else:  # PNG, and baseline RGB/L JPEG: the file itself, untouched
                 ext, lab_got = by_payload[data]
                 assert lab_got == lab and ext == ("jpg" if rel.endswith(("jpg", "jpeg")) else "png")
+    assert index.conversions == {"cmyk_jpeg": 1, "other_format": 1}
+    assert any(n.startswith("1 grayscale JPEG(s) copied as they are") for n in index.notes)  # g.jpeg
+    assert index.stats_sample == {"images": 10, "of": 10, "seed": 0}  # every train image: exact
     assert_stats_match_numpy(out)
     assert shard.verify(out) == []
 
@@ -226,17 +236,58 @@ def test_imagefolder_strict_fails_on_the_truncated_file(tmp_path):
 
 
 def test_imagefolder_differing_sizes(tmp_path):
-    fabricate.make_imagefolder(tmp_path / "src", odd_size=(30, 25))
+    truth = fabricate.make_imagefolder(tmp_path / "src", odd_size=(30, 25))
     out = tmp_path / "out"
-    with pytest.raises(UsageError, match=r"differ in size \(.* is 20x12, train/emu/i.png is 30x25\).*--image-size"):
-        pack("imagefolder", "--root", tmp_path / "src", "--out", out)
-    pack("imagefolder", "--root", tmp_path / "src", "--out", out, "--image-size", "10", "--channels", "1")
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out)
+    index = load_index(out)
+    assert index.image_size is None  # each image keeps its own size
+    assert index.sizes == {
+        "height": {"min": 12, "median": 12, "max": 25},
+        "width": {"min": 20, "median": 20, "max": 30},
+        "shorter_side": {"min": 12, "median": 12, "max": 25},
+        "longer_side": {"min": 20, "median": 20, "max": 30},
+    }
+    (odd,) = [m for _, m in read_split(out, "train") if pixels(image_of(m)[1], 3).shape[:2] == (25, 30)]
+    assert image_of(odd) == ("png", truth.images["train"][truth.paths["train"].index("train/emu/i.png")])
+    assert shard.verify(out) == []
+    assert_stats_match_numpy(out)
+    pack(
+        "imagefolder", "--root", tmp_path / "src", "--out", out, "--image-size", "10", "--channels", "1", "--overwrite"
+    )
     index = load_index(out)
     assert index.image_size == (10, 10) and index.channels == 1
     for _, members in read_split(out, "train"):
         assert pixels(image_of(members)[1], 1).shape == (10, 10)
     assert shard.verify(out) == []
     assert_stats_match_numpy(out)
+
+
+def test_stats_sample_is_a_seeded_prefix_of_the_shuffle(tmp_path):
+    fabricate.make_imagefolder(tmp_path / "src", odd_size=(30, 25))
+    out = tmp_path / "out"
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out, "--stats-sample", "4", "--seed", "5")
+    index = load_index(out)
+    # the first 4 shuffled positions, less any that were skipped (the truncated JPEG)
+    sampled = [m for k, m in read_split(out, "train") if int(k.split("_")[1]) < 4]
+    assert index.stats_sample == {"images": len(sampled), "of": 10, "seed": 5} and len(sampled) >= 3
+    flat = np.concatenate([pixels(image_of(m)[1], 3).reshape(-1, 3) for m in sampled]) / 255
+    np.testing.assert_allclose(index.mean, flat.mean(0), atol=1e-6)
+    np.testing.assert_allclose(index.std, flat.std(0), atol=1e-6)
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out, "--stats-sample", "0", "--overwrite")
+    assert load_index(out).stats_sample == {"images": 10, "of": 10, "seed": 0}  # 0: all of them
+    assert_stats_match_numpy(out)
+
+
+def test_verify_checks_variable_sizes_against_the_index(tmp_path):
+    fabricate.make_imagefolder(tmp_path / "src", odd_size=(30, 25))
+    out = tmp_path / "out"
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out)
+    assert shard.verify(out) == []
+    obj = json.loads((out / "index.json").read_text())
+    obj["sizes"]["longer_side"]["max"] = 31  # a distribution the images do not have
+    (out / "index.json").write_text(json.dumps(obj))
+    (problem,) = shard.verify(out)
+    assert problem.startswith("sizes in index.json differ from the images' own") and "'max': 30" in problem
 
 
 def test_all_grayscale_imagefolder_gets_one_channel(tmp_path):
