@@ -60,8 +60,8 @@ DEFAULT_JPEG_QUALITY = 90
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z; 0 trips some tools' "implausibly old" checks
 CHUNK = 256  # samples per pool task: large enough to amortise pickling, small for smooth progress
 DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion-mnist")
-FILE_SOURCES = ("tiny-imagenet", "imagefolder")  # sources of encoded image files, some possibly re-encoded
-RESIZABLE = ("imagefolder",)  # sources of images of any size (--max-size)
+FILE_SOURCES = ("tiny-imagenet", "imagefolder", "imagenet")  # sources of encoded image files, some possibly re-encoded
+RESIZABLE = ("imagefolder", "imagenet")  # sources of images of any size (--max-size)
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 SHARD_RE = re.compile(r"^.+-\d{6}\.tar$")
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -961,7 +961,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, help="where the source lives (not for synthetic)")
     p.add_argument("--out", type=Path, help="output folder (default: shards/<source>)")
     p.add_argument(
-        "--format", choices=("png", "jpeg"), default="png", help="encoding for decoded images (default png, lossless)"
+        "--format",
+        choices=("png", "jpeg"),
+        help="encoding for images this tool encodes (default png, lossless; imagenet: jpeg, as its files are)",
     )
     p.add_argument(
         "--quality",
@@ -1026,6 +1028,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Option combinations argparse cannot express; one line each."""
     synthetic = args.source == "synthetic"
+    if args.format is None:
+        args.format = "jpeg" if args.source == "imagenet" else "png"
     if synthetic and args.root is not None:
         raise UsageError("synthetic takes no --root: it generates its images")
     if not synthetic and args.root is None:

@@ -325,6 +325,114 @@ def test_synthetic_jpeg(tmp_path):
     assert shard.verify(out) == []
 
 
+# --- ImageNet: variable sizes, odd files, --max-size -----------------------------------------------
+
+
+def lower_median_stats(sizes: list[tuple[int, int]]) -> dict:
+    """The index's `sizes`, computed here from (height, width) pairs."""
+    columns = {
+        "height": [h for h, _ in sizes],
+        "width": [w for _, w in sizes],
+        "shorter_side": [min(s) for s in sizes],
+        "longer_side": [max(s) for s in sizes],
+    }
+    return {k: {"min": min(v), "median": sorted(v)[(len(v) - 1) // 2], "max": max(v)} for k, v in columns.items()}
+
+
+def decoded_rgb(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def match_converted(members: dict, truth: fabricate.Truth, split: str, max_size: int | None = None) -> str:
+    """The truth path a converted member came from: same label, same (or shrunk) size, closest pixels."""
+    got = decoded_rgb(image_of(members)[1])
+    best = None
+    for rel, data, lab in zip(truth.paths[split], truth.images[split], truth.labels[split]):
+        want = decoded_rgb(data)
+        if max_size and min(want.size) > max_size:
+            want = want.resize(shard.shrunk(*want.size, max_size), Image.Resampling.LANCZOS)
+        if lab == label(members) and want.size == got.size:
+            diff = np.abs(np.asarray(got, dtype=int) - np.asarray(want)).mean()
+            best = min(best or (diff, rel), (diff, rel))
+    # One JPEG round trip of a smooth picture is a few levels off; any other fabricated image, tens.
+    assert best is not None and best[0] < 10, best
+    return best[1]
+
+
+@pytest.mark.parametrize("kaggle,val_layout", [(False, "folders"), (True, "flat")])
+def test_imagenet_packs_with_right_labels_and_converts_odd_files(tmp_path, kaggle, val_layout):
+    truth = fabricate.make_imagenet(tmp_path / "src", kaggle=kaggle, val_layout=val_layout)
+    out = tmp_path / "out"
+    assert pack("imagenet", "--root", tmp_path / "src", "--out", out) == 0
+    index = load_index(out)
+    assert index.source == "imagenet" and index.image_size is None and index.format == "jpeg"
+    assert index.classes == ["tench", "goldfish", "crane (n02012849)", "crane (n03126707)"]
+    assert index.conversions == {"cmyk_jpeg": 1, "png_named_jpeg": 1, "progressive_jpeg": 1}
+    assert "1 grayscale JPEG(s) copied as they are: they decode to RGB like the rest" in index.notes
+    assert "test/ has no labels: skipped (2 images)" in index.notes
+    sizes = []
+    for split in ("train", "val"):
+        by_bytes = dict(zip(truth.images[split], truth.paths[split]))
+        found = []
+        for _, members in read_split(out, split):
+            ext, data = image_of(members)
+            im = Image.open(io.BytesIO(data))
+            assert ext == "jpg" and im.format == "JPEG" and im.mode in ("RGB", "L") and "progressive" not in im.info
+            rel = by_bytes.get(data) or match_converted(members, truth, split)
+            assert (data in by_bytes) == (truth.kinds[rel] in ("jpeg", "grayscale_jpeg")), rel  # passthrough
+            assert label(members) == truth.labels[split][truth.paths[split].index(rel)], rel
+            found.append(rel)
+            sizes.append((im.height, im.width))
+        assert sorted(found) == sorted(truth.paths[split])  # every image exactly once
+    assert index.sizes == lower_median_stats(sizes)
+    assert index.sizes["shorter_side"]["min"] < index.sizes["shorter_side"]["max"]  # they do vary
+    assert index.stats_sample == {"images": 16, "of": 16, "seed": 0}
+    assert_stats_match_numpy(out)
+    assert shard.verify(out) == []
+
+
+def test_imagenet_max_size_shrinks_only_the_large_images(tmp_path):
+    truth = fabricate.make_imagenet(tmp_path / "src", sides=(40, 200), per_class=4)
+    out = tmp_path / "out"
+    pack("imagenet", "--root", tmp_path / "src", "--out", out, "--max-size", "64", "--quality", "92")
+    index = load_index(out)
+    large = [
+        rel
+        for split in truth.paths
+        for rel, data in zip(truth.paths[split], truth.images[split])
+        if min(Image.open(io.BytesIO(data)).size) > 64
+    ]
+    assert 5 < len(large) < len(truth.kinds) - 5  # the fabricated sizes straddle the limit
+    assert index.max_size == 64 and index.conversions["resized"] == len(large)
+    assert index.sizes["shorter_side"]["max"] == 64 and index.sizes["longer_side"]["max"] > 64
+    for split in ("train", "val"):
+        by_bytes = dict(zip(truth.images[split], truth.paths[split]))
+        for _, members in read_split(out, split):
+            data = image_of(members)[1]
+            if data in by_bytes:  # copied: small enough and a plain baseline JPEG
+                assert by_bytes[data] not in large and truth.kinds[by_bytes[data]] in ("jpeg", "grayscale_jpeg")
+                continue
+            rel = match_converted(members, truth, split, max_size=64)
+            source = Image.open(io.BytesIO(truth.images[split][truth.paths[split].index(rel)]))
+            stored = Image.open(io.BytesIO(data))
+            if rel in large:  # the shorter side brought to 64, the aspect ratio kept
+                assert min(stored.size) == 64 and stored.size == shard.shrunk(*source.size, 64)
+                assert abs(stored.width / stored.height - source.width / source.height) < 0.02
+            else:
+                assert stored.size == source.size and truth.kinds[rel] not in ("jpeg", "grayscale_jpeg")
+    assert shard.verify(out) == []
+
+
+def test_imagenet_bad_val_solution_is_one_line(tmp_path):
+    fabricate.make_imagenet(tmp_path / "src", val_layout="flat")
+    csv = tmp_path / "src" / "LOC_val_solution.csv"
+    csv.write_text("".join(line + "\n" for line in csv.read_text().splitlines() if "_00000004," not in line))
+    result = cli("imagenet", "--root", tmp_path / "src", "--out", tmp_path / "out", "--workers", "1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {csv}: no row for val/ILSVRC2012_val_00000004.JPEG (1 of 8")
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
 # --- splitting, order, determinism ----------------------------------------------------------------
 
 
@@ -512,7 +620,9 @@ def test_verify_without_index_exits_2(tmp_path):
 # --- bad input on the command line ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("source", ["cifar10", "cifar100", "mnist", "fashion-mnist", "tiny-imagenet", "imagefolder"])
+@pytest.mark.parametrize(
+    "source", ["cifar10", "cifar100", "mnist", "fashion-mnist", "tiny-imagenet", "imagefolder", "imagenet"]
+)
 def test_bad_root_is_one_line_and_exit_2(tmp_path, source):
     result = cli(source, "--root", tmp_path / "nope", "--out", tmp_path / "out")
     assert result.returncode == 2
