@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import NamedTuple
 
 import numpy as np
@@ -253,3 +254,44 @@ def parse_res_schedule(text: str) -> ResSchedule:
     if reach is not None and not 0 <= hold < reach:
         raise ValueError("EPOCHS must be N > 0 or A-B with 0 <= A < B")
     return ResSchedule(start, end, hold, reach)
+
+
+# --- from the training config ---------------------------------------------------------------------
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    """'0.08,1' or '3/4,4/3' -> (low, high); ValueError if it is not two numbers."""
+    values = [float(Fraction(part.strip())) for part in text.split(",")]
+    if len(values) != 2:
+        raise ValueError(text)
+    return values[0], values[1]
+
+
+def train_res(cfg, image_size: tuple[int, int] | None, epoch: int) -> int:
+    """The side of epoch `epoch`'s training crops: the schedule's, else --res, else the images' one size."""
+    if cfg.res_schedule:
+        return parse_res_schedule(cfg.res_schedule).at(epoch, cfg.epochs)
+    if cfg.res:
+        return cfg.res
+    return min(image_size) if image_size else 0
+
+
+def train_crop_spec(cfg, image_size: tuple[int, int] | None, epoch: int = 0) -> CropSpec | None:
+    """What the workers make of a train image (None: --train-crop pad, decoded as it is)."""
+    if cfg.train_crop == "pad":
+        return None
+    return CropSpec(
+        cfg.train_crop,
+        train_res(cfg, image_size, epoch),
+        parse_range(cfg.rrc_scale),
+        parse_range(cfg.rrc_ratio),
+        cfg.crop_ratio,
+        cfg.flip,
+    )
+
+
+def eval_crop_spec(cfg, image_size: tuple[int, int] | None) -> CropSpec | None:
+    """Evaluation's centre crop at --eval-res, else the last training resolution (None: --train-crop pad)."""
+    if cfg.train_crop == "pad":
+        return None
+    return CropSpec("center", cfg.eval_res or train_res(cfg, image_size, cfg.epochs - 1), crop_ratio=cfg.crop_ratio)

@@ -54,10 +54,11 @@ def photo_jpegs(n: int, seed: int = 0, sides=(150, 600), quality=(75, 95)) -> li
     return out
 
 
-def write_imagefolder(images: list[tuple[bytes, int]], root: Path) -> Path:
-    """The images as root/class_LABEL/NNNNNN.jpg, the layout `python -m resnet_dist.shard imagefolder` packs."""
+def write_imagefolder(images: list[tuple[bytes, int]], root: Path, split: str = "train") -> Path:
+    """The images as root/SPLIT/class_LABEL/NNNNNN.jpg, the layout `python -m resnet_dist.shard imagefolder`
+    packs; returns root."""
     for i, (data, label) in enumerate(images):
-        folder = root / f"class_{label}"
+        folder = root / split / f"class_{label}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i:06d}.jpg").write_bytes(data)
     return root
