@@ -201,7 +201,9 @@ def crop_image(data: bytes, channels: int, size: tuple[int, int], plan: Plan, re
             f"{where}: image decodes to {array.shape[1]}x{array.shape[0]}, its header says {size[1]}x{size[0]}"
         )
     image = torch.from_numpy(np.require(array, requirements="W")).permute(2, 0, 1)
-    return resize_crop(image, plan, res, s).permute(1, 2, 0).numpy()
+    # One transposing copy to interleaved HWC here (torch's kernel, ~0.1 ms at 224 px): numpy's strided
+    # copy into the batch would take ~0.6 ms for the same planar-to-interleaved move.
+    return resize_crop(image, plan, res, s).permute(1, 2, 0).contiguous().numpy()
 
 
 @dataclass(frozen=True)
