@@ -49,11 +49,16 @@ def normalize(
 
     The NHWC buffer permuted to NCHW *is* channels_last memory, so that layout costs no copy.
     mean, std: (C,) on the [0, 1] scale, as index.json stores them.
+
+    Computed on rows of W x C values, with scale and shift repeated along a row: a per-channel
+    broadcast over the innermost dimension of 3 does not vectorise, and was 3x slower on a CPU
+    (59 vs 18 ms for 64 x 224 x 224 x 3, one thread; the uint8 -> float conversion alone takes 15).
     """
-    x = images.permute(0, 3, 1, 2).to(dtype)
-    scale = (1.0 / (255.0 * std)).to(dtype).view(1, -1, 1, 1)
-    shift = (mean / std).to(dtype).view(1, -1, 1, 1)
-    x = x * scale - shift
+    n, h, w, c = images.shape
+    x = images.reshape(n * h, w * c).to(dtype)
+    mean, std = mean.expand(c), std.expand(c)  # a single value serves every channel
+    x.mul_((1.0 / (255.0 * std)).to(dtype).repeat(w)).add_((-mean / std).to(dtype).repeat(w))
+    x = x.view(n, h, w, c).permute(0, 3, 1, 2)
     return x if channels_last else x.contiguous()
 
 

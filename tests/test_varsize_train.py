@@ -41,10 +41,18 @@ def photos(tmp_path_factory) -> Path:
 
 def test_two_processes_on_variable_sizes_evaluate_every_sample_once(photos, tmp_path):
     out = tmp_path / "run"
-    ok(train("--data", str(photos), "--out", str(out), "--epochs", "1", "--res", "32", "--eval-res", "48", *TINY))
+    run = ["--epochs", "1", "--res", "32", "--eval-res", "48", "--cpu-bf16", "off", *TINY]  # fp32, as evaluate runs
+    ok(train("--data", str(photos), "--out", str(out), *run))
     summary = read_json(out / "summary.json")
     assert summary["world_size"] == 2 and summary["steps_done"] == 120 // 16
     assert summary["eval_counts"] == {"val": 37, "test": 29} and summary["lost_eval_samples"] == {"val": 0, "test": 0}
+    # The evaluate CLI crops as the trainer did (from the checkpoint's config): the same val top-1.
+    cmd = [sys.executable, "-m", "resnet_dist.evaluate", "--checkpoint", str(out / "checkpoints" / "last")]
+    cmd += ["--data", str(photos), "--split", "val", "--num-workers", "0", "--out", str(tmp_path / "eval")]
+    ok(subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=300))
+    result = read_json(tmp_path / "eval" / "eval.json")
+    last = read_json(out / "history.json")[-1]
+    assert result["count"] == 37 and result["loss"] == pytest.approx(last["val_loss"], rel=1e-4)
 
 
 def test_resume_mid_epoch_with_rrc_and_a_res_schedule_is_exact(photos, tmp_path):

@@ -38,8 +38,11 @@ def reference_transform(index: DatasetIndex, train: bool):
     return T.Compose([*crop, T.ToTensor(), T.Normalize(index.mean, index.std)])
 
 
-def ours(base: Path, index: DatasetIndex, batch: int, workers: int, epoch: int, train: bool) -> Iterator:
-    """Crops made in the workers (uint8), normalised here, as the trainer does it."""
+def ours(
+    base: Path, index: DatasetIndex, batch: int, workers: int, epoch: int, train: bool, normalise: bool = True
+) -> Iterator:
+    """Crops made in the workers (uint8), normalised here as the trainer does it (normalise=False: the
+    workers' share alone, what a GPU run leaves on the CPU)."""
     from resnet_dist.data import ShardStream, make_loader
 
     spec = CropSpec("rrc", RES, flip=True) if train else CropSpec("center", RES, crop_ratio=RES / EVAL_RESIZE)
@@ -50,7 +53,29 @@ def ours(base: Path, index: DatasetIndex, batch: int, workers: int, epoch: int, 
     stream.set_epoch(epoch)
     augment = BatchAugment(index.mean, index.std, device(), padding=0, flip=False)
     for images, labels, *_ in make_loader(stream, workers, pin_memory=torch.cuda.is_available()):
-        yield augment.eval(images.to(device(), non_blocking=True)), labels
+        yield (augment.eval(images.to(device(), non_blocking=True)) if normalise else images), labels
+
+
+def gpu_worker_side(base: Path, index: DatasetIndex, batch: int, epoch: int) -> Iterator:
+    """--decode gpu's CPU share alone: read, check, header, crop plan, bytes out (nvJPEG's decode not counted)."""
+    from resnet_dist.data import ShardStream
+
+    spec = CropSpec("rrc", RES, flip=True)
+    stream = ShardStream(
+        str(base),
+        index,
+        "train",
+        batch_size=batch,
+        rank=0,
+        world_size=1,
+        train=True,
+        seed=epoch,
+        crop=spec,
+        decode="gpu",
+    )
+    stream.set_epoch(epoch)
+    for encoded, labels, *_ in stream:
+        yield torch.empty(len(encoded)), labels  # time_batches counts images by the first dimension
 
 
 def reference(tree: Path, index: DatasetIndex, batch: int, workers: int, train: bool) -> Iterator:
@@ -120,7 +145,36 @@ def pipeline_timers(args, base: Path, index: DatasetIndex, tree: Path, workers: 
         "ours eval": lambda: time_batches(ours(base, index, batch, workers, 0, False), w, n),
         "reference eval": lambda: time_batches(reference(tree, index, batch, workers, False), w, n),
     }
-    return timers if workers else {name: one_thread(timer) for name, timer in timers.items()}
+    if workers:
+        return timers
+    timers |= {
+        "ours uint8": lambda: time_batches(ours(base, index, batch, 0, next(epochs), True, False), w, n),
+        "ours eval uint8": lambda: time_batches(ours(base, index, batch, 0, 0, False, False), w, n),
+        "ours gpu": lambda: time_batches(gpu_worker_side(base, index, batch, next(epochs)), w, n),
+    }
+    return {name: one_thread(timer) for name, timer in timers.items()}
+
+
+# Per core, as the other kinds' per-core rows: ours is what one loader worker does (uint8 crops out; the
+# training device normalises); "+ normalise on the CPU" adds what a CPU-only run also pays.
+PER_CORE = (
+    ("train", "ours uint8", "reference", "ours: the workers' share, decode + crop + flip to uint8"),
+    ("train", "ours uint8", "webdataset", "ours: the workers' share, decode + crop + flip to uint8"),
+    ("eval", "ours eval uint8", "reference eval", "ours: the workers' share, decode + resize + centre crop"),
+    ("train, + normalise on the CPU", "ours", "reference", "ours: as a CPU-only run does it"),
+    ("eval, + normalise on the CPU", "ours eval", "reference eval", "ours: as a CPU-only run does it"),
+    (
+        "train, --decode gpu worker side",
+        "ours gpu",
+        "reference",
+        "ours: the CPU side of --decode gpu only (JPEG decode and resize happen on the GPU, not timed here)",
+    ),
+)
+THROUGH_LOADER = (
+    ("train", "ours", "reference", "ours: crops in the workers, normalised in the training process"),
+    ("train", "ours", "webdataset", "ours: crops in the workers, normalised in the training process"),
+    ("eval", "ours eval", "reference eval", "ours: crops in the workers, normalised in the training process"),
+)
 
 
 def varsize_rows(args, kind: str, base: Path, index: DatasetIndex, tree: Path) -> list[dict]:
@@ -129,11 +183,9 @@ def varsize_rows(args, kind: str, base: Path, index: DatasetIndex, tree: Path) -
     for workers in (0, *[w for w in args.workers if w]):
         rates = interleaved(pipeline_timers(args, base, index, tree, workers), args.repeats)
         case = f"{kind} per core" if not workers else f"{kind} {workers} worker{'s' if workers != 1 else ''}"
-        for baseline in ("reference", "webdataset"):
-            rows.append(make_row("loader", f"{case}, train", rates["ours"], rates[baseline], NAMES[baseline], "img/s"))
-        eval_name = NAMES["reference eval"]
-        rows.append(
-            make_row("loader", f"{case}, eval", rates["ours eval"], rates["reference eval"], eval_name, "img/s")
-        )
-        say(rows[-3:])
+        for what, mine, theirs, note in PER_CORE if not workers else THROUGH_LOADER:
+            rows.append(
+                make_row("loader", f"{case}, {what}", rates[mine], rates[theirs], NAMES[theirs], "img/s", note=note)
+            )
+        say(rows[-len(PER_CORE if not workers else THROUGH_LOADER) :])
     return rows
