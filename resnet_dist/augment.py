@@ -102,7 +102,7 @@ def intra_op_threads(device: torch.device, threads: int) -> Iterator[None]:
     The batch transforms are gathers and elementwise passes over a few MB: one thread does them in about
     a millisecond, while torch's default of one thread per core makes every op wait for all cores; on
     a loaded machine (loader workers, other processes) that wait grows to tens of milliseconds per batch
-    (docs/performance.md, "Intra-op threads"). The model's step keeps its threads.
+    (docs/performance.md, section 7). The model's step keeps its threads.
     """
     before = torch.get_num_threads()
     if device.type != "cpu" or threads <= 0 or threads == before:
