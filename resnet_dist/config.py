@@ -52,8 +52,8 @@ class TrainConfig:
     weight_decay: float = opt(5e-4, "weight decay (L2 for sgd/adam, decoupled for adamw)")
     schedule: str = opt(
         "cosine",
-        "lr schedule over all optimizer steps (linear: after the warm-up, straight down to 0, FFCV's cyclic)",
-        ("cosine", "step", "linear", "onecycle", "none"),
+        "lr schedule over all optimizer steps (triangle: after the warm-up, straight down to 0, FFCV's cyclic)",
+        ("cosine", "step", "triangle", "onecycle", "none"),
     )
     lr_step_epochs: int = opt(0, "--schedule step: x0.1 every this many epochs; 0: at 50% and 75% of the run")
     warmup_epochs: float = opt(0.0, "linear warm-up from 0 (onecycle: length of the rising phase)")

@@ -22,7 +22,7 @@ def build_optimizer(cfg, params) -> torch.optim.Optimizer:
 def lr_factor(step: int, total: int, warmup: int, schedule: str, step_every: int = 0) -> float:
     """Multiplier of the peak lr after `step` optimizer steps out of `total`.
 
-    Linear warm-up from ~0 over `warmup` steps, then: cosine to 0; linear to 0 (with the warm-up, FFCV's
+    Linear warm-up from ~0 over `warmup` steps, then: cosine to 0; triangle: linearly to 0 (with the warm-up, FFCV's
     "cyclic" triangle); step (x0.1 every `step_every` steps, as torchvision's StepLR; if 0, at 50% and 75%,
     the ResNet paper's milestones scaled to the run); none (constant).
     """
@@ -31,7 +31,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, step_every: int
     progress = (step - warmup) / max(1, total - warmup)
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    if schedule == "linear":
+    if schedule == "triangle":
         return max(0.0, 1.0 - progress)
     if schedule == "step" and step_every:
         return 0.1 ** (step // step_every)

@@ -82,7 +82,7 @@ def test_imagenet_recipes_are_the_published_setups():
         "160:192:11-13",
         256,
         "flip",
-        "linear",
+        "triangle",
         2.0,
     )
     assert "66.9% top-1" in RECIPES["imagenet-resnet18"].summary

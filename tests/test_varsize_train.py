@@ -41,7 +41,9 @@ def photos(tmp_path_factory) -> Path:
 
 def test_two_processes_on_variable_sizes_evaluate_every_sample_once(photos, tmp_path):
     out = tmp_path / "run"
-    run = ["--epochs", "1", "--res", "32", "--eval-res", "48", "--cpu-bf16", "off", *TINY]  # fp32, as evaluate runs
+    # fp32 as evaluate runs; SyncBN, so that every rank evaluates with the same BatchNorm statistics (plain DDP
+    # leaves each rank its own from its last forward pass, and the checkpoint holds rank 0's)
+    run = ["--epochs", "1", "--res", "32", "--eval-res", "48", "--cpu-bf16", "off", "--sync-bn", *TINY]
     ok(train("--data", str(photos), "--out", str(out), *run))
     summary = read_json(out / "summary.json")
     assert summary["world_size"] == 2 and summary["steps_done"] == 120 // 16
