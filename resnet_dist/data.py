@@ -7,8 +7,12 @@ per-shard counts in index.json say where each slice starts, so a worker opens on
 slice touches, and a resumed run starts at sample k directly instead of reading and dropping k
 samples.
 
-Batches leave the workers as uint8 NHWC tensors (4x fewer bytes than float32); crop, flip and
-normalisation happen on the training device (resnet_dist.augment).
+Batches leave the workers as uint8 NHWC tensors of one size (4x fewer bytes than float32). Images
+of one size are decoded as they are and padded, cropped and flipped on the training device
+(resnet_dist.augment); images of any size are cropped to a fixed size in the workers
+(resnet_dist.crops: RandomResizedCrop, or resize + centre crop), or with --decode gpu sent as JPEG
+bytes for the training process to decode and crop (resnet_dist.gpu_decode). Normalisation always
+happens on the training device.
 """
 
 from __future__ import annotations
