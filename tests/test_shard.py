@@ -251,6 +251,14 @@ def test_imagefolder_differing_sizes(tmp_path):
     assert image_of(odd) == ("png", truth.images["train"][truth.paths["train"].index("train/emu/i.png")])
     assert shard.verify(out) == []
     assert_stats_match_numpy(out)
+    # --max-size 16: only the 30x25 PNG is above it; it shrinks to 19x16 and, being lossless, stays PNG
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out, "--max-size", "16", "--overwrite")
+    index = load_index(out)
+    assert index.max_size == 16 and index.conversions == {"cmyk_jpeg": 1, "other_format": 1, "resized": 1}
+    assert index.sizes["longer_side"] == {"min": 19, "median": 20, "max": 20}
+    (odd,) = [m for _, m in read_split(out, "train") if pixels(image_of(m)[1], 3).shape[:2] == (16, 19)]
+    assert image_of(odd)[0] == "png" and label(odd) == 2
+    assert index.image_size is None and shard.verify(out) == []
     pack(
         "imagefolder", "--root", tmp_path / "src", "--out", out, "--image-size", "10", "--channels", "1", "--overwrite"
     )
