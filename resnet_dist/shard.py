@@ -293,7 +293,7 @@ def encode_file(sample: Sample, plan: Plan, with_pixels: bool) -> tuple[Encoded,
             reasons.append("resized")
         if not reasons and not with_pixels and im.format == "JPEG":
             # Only checking that it decodes: entropy decoding covers every byte at 1/8 scale too.
-            im.draft(im.mode, (width // 8, height // 8))
+            im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))  # (0, 0) divides by zero
         im.load()  # a truncated or corrupt file must fail here, not in the trainer
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         return Skipped(sample.name, f"cannot decode: {exc}")

@@ -298,6 +298,23 @@ def test_verify_checks_variable_sizes_against_the_index(tmp_path):
     assert problem.startswith("sizes in index.json differ from the images' own") and "'max': 30" in problem
 
 
+def test_tiny_jpegs_are_copied_too(tmp_path):
+    """Copied JPEGs outside the stats sample are checked by a 1/8-scale decode: a 1x1 image must pass it."""
+    sizes, rng = [(1, 1), (7, 5), (9, 3), (3, 17)], np.random.default_rng(0)
+    files = {}
+    for i, size in enumerate(sizes):
+        files[f"train/a/{i}.jpg"] = fabricate.encode(fabricate.noise_image(rng, "RGB", size), "JPEG")
+    for rel, data in files.items():
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / rel).write_bytes(data)
+    out = tmp_path / "out"
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out, "--stats-sample", "1")
+    index = load_index(out)
+    assert index.skipped == [] and index.conversions == {} and index.stats_sample["images"] == 1
+    assert sorted(image_of(m)[1] for _, m in read_split(out, "train")) == sorted(files.values())
+    assert shard.verify(out) == []
+
+
 def test_all_grayscale_imagefolder_gets_one_channel(tmp_path):
     for i, cls in enumerate(["a", "b", "a"]):
         path = tmp_path / "src" / "train" / cls / f"{i}.png"
