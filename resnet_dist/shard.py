@@ -293,7 +293,7 @@ def encode_file(sample: Sample, plan: Plan, with_pixels: bool) -> tuple[Encoded,
             reasons.append("resized")
         if not reasons and not with_pixels and im.format == "JPEG":
             # Only checking that it decodes: entropy decoding covers every byte at 1/8 scale too.
-            im.draft(im.mode, (width // 8, height // 8))
+            im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))  # (0, 0) divides by zero
         im.load()  # a truncated or corrupt file must fail here, not in the trainer
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         return Skipped(sample.name, f"cannot decode: {exc}")
@@ -346,6 +346,26 @@ class ChunkResult:
     stats_images: int = 0  # images whose pixels are in `stats`
 
 
+class PendingPixels:
+    """Batches images into one PixelStats.add: per image, the call overhead dominates on 28x28 images."""
+
+    LIMIT = 4 << 20  # bytes held before a flush: small images batch, large ones go almost one by one
+
+    def __init__(self, stats: PixelStats, channels: int):
+        self.stats, self.channels, self.held, self.size = stats, channels, [], 0
+
+    def add(self, pixels: np.ndarray) -> None:
+        self.held.append(pixels.reshape(-1, self.channels))
+        self.size += pixels.size
+        if self.size >= self.LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.held:
+            self.stats.add(np.concatenate(self.held), self.channels)
+        self.held, self.size = [], 0
+
+
 @dataclass(frozen=True)
 class Task:
     chunk: Split
@@ -362,7 +382,7 @@ def encode_chunk(task: Task) -> ChunkResult:
     shuffle is seeded, so the first `stats_until` positions are a seeded random sample.
     """
     out = ChunkResult(b"", [], [], PixelStats())
-    parts = []
+    parts, pending = [], PendingPixels(out.stats, task.plan.channels)
     for i, sample in enumerate(iter_samples(task.chunk)):
         ordinal = task.first + i
         result = encode_sample(sample, task.plan, ordinal < task.plan.stats_until)
@@ -373,11 +393,13 @@ def encode_chunk(task: Task) -> ChunkResult:
         parts.append(frame_sample(f"{task.split}_{ordinal:08d}", encoded))
         out.sizes.append(len(parts[-1]))
         out.dims.append(encoded.size)
-        out.conversions.update(encoded.conversions)
+        if encoded.conversions:
+            out.conversions.update(encoded.conversions)
         out.gray_jpegs += encoded.gray_jpeg
         if pixels is not None:
-            out.stats.add(pixels, task.plan.channels)
+            pending.add(pixels)
             out.stats_images += 1
+    pending.flush()
     out.blob = b"".join(parts)
     return out
 
@@ -695,8 +717,10 @@ def write_splits(source: Source, args, out: Path, pool, size: tuple[int, int] | 
                 splits[name] = info
             else:
                 source.notes.append(f"split '{name}': every sample was skipped")
-    if not totals.stats.count:
+    if stats_name not in splits:
         raise DataError(f"no samples could be written for '{stats_name}': see the skipped inputs above")
+    if not totals.stats.count:
+        raise DataError(f"every '{stats_name}' image sampled for mean/std was skipped: pass a larger --stats-sample")
     if totals.gray_jpegs and channels == 3:
         source.notes.append(
             f"{totals.gray_jpegs} grayscale JPEG(s) copied as they are: they decode to RGB like the rest"
@@ -951,6 +975,34 @@ def _fraction(text: str) -> float:
     return value
 
 
+def add_image_options(p: argparse.ArgumentParser) -> None:
+    """The options that decide each stored image's size, channels and statistics."""
+    p.add_argument(
+        "--image-size",
+        type=_int_at_least(1),
+        help="resize (shorter side) + center-crop every image to N x N (default: each image keeps its own size); "
+        "synthetic: image size (default 32)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        help="convert to 1 (L) or 3 (RGB) channels (default: the source's; imagefolder: 3 unless all grayscale)",
+    )
+    p.add_argument(
+        "--max-size",
+        type=_int_at_least(1),
+        help=f"{' and '.join(RESIZABLE)}: shrink images whose shorter side is larger than N to N (Lanczos), "
+        "keeping the aspect ratio; smaller images keep their size",
+    )
+    p.add_argument(
+        "--stats-sample",
+        type=_int_at_least(0),
+        help=f"compute mean/std from N random train images, 0 = all (default: {DEFAULT_STATS_SAMPLE:,} for "
+        "image-file sources, all for the others)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m resnet_dist.shard",
@@ -995,29 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--strict", action="store_true", help="fail on an undecodable image instead of skipping it")
     p.add_argument("--download", action="store_true", help=f"fetch with torchvision first ({', '.join(DOWNLOADABLE)})")
-    p.add_argument(
-        "--image-size",
-        type=_int_at_least(1),
-        help="resize (shorter side) + center-crop every image to N x N; synthetic: image size (default 32)",
-    )
-    p.add_argument(
-        "--channels",
-        type=int,
-        choices=(1, 3),
-        help="convert to 1 (L) or 3 (RGB) channels (default: the source's; imagefolder: 3 unless all grayscale)",
-    )
-    p.add_argument(
-        "--max-size",
-        type=_int_at_least(1),
-        help=f"{' and '.join(RESIZABLE)}: shrink images whose shorter side is larger than N to N (Lanczos), "
-        "keeping the aspect ratio; the rest keep their size and bytes",
-    )
-    p.add_argument(
-        "--stats-sample",
-        type=_int_at_least(0),
-        help=f"compute mean/std from N random train images, 0 = all (default: {DEFAULT_STATS_SAMPLE:,} for "
-        "image-file sources, all for the others)",
-    )
+    add_image_options(p)
     p.add_argument("--num-classes", type=_int_at_least(1), help="synthetic: classes (default 10)")
     p.add_argument(
         "--num-samples", type=_int_at_least(1), help="synthetic: train samples (default 1000; test gets a fifth)"

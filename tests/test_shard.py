@@ -251,6 +251,14 @@ def test_imagefolder_differing_sizes(tmp_path):
     assert image_of(odd) == ("png", truth.images["train"][truth.paths["train"].index("train/emu/i.png")])
     assert shard.verify(out) == []
     assert_stats_match_numpy(out)
+    # --max-size 16: only the 30x25 PNG is above it; it shrinks to 19x16 and, being lossless, stays PNG
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out, "--max-size", "16", "--overwrite")
+    index = load_index(out)
+    assert index.max_size == 16 and index.conversions == {"cmyk_jpeg": 1, "other_format": 1, "resized": 1}
+    assert index.sizes["longer_side"] == {"min": 19, "median": 20, "max": 20}
+    (odd,) = [m for _, m in read_split(out, "train") if pixels(image_of(m)[1], 3).shape[:2] == (16, 19)]
+    assert image_of(odd)[0] == "png" and label(odd) == 2
+    assert index.image_size is None and shard.verify(out) == []
     pack(
         "imagefolder", "--root", tmp_path / "src", "--out", out, "--image-size", "10", "--channels", "1", "--overwrite"
     )
@@ -288,6 +296,23 @@ def test_verify_checks_variable_sizes_against_the_index(tmp_path):
     (out / "index.json").write_text(json.dumps(obj))
     (problem,) = shard.verify(out)
     assert problem.startswith("sizes in index.json differ from the images' own") and "'max': 30" in problem
+
+
+def test_tiny_jpegs_are_copied_too(tmp_path):
+    """Copied JPEGs outside the stats sample are checked by a 1/8-scale decode: a 1x1 image must pass it."""
+    sizes, rng = [(1, 1), (7, 5), (9, 3), (3, 17)], np.random.default_rng(0)
+    files = {}
+    for i, size in enumerate(sizes):
+        files[f"train/a/{i}.jpg"] = fabricate.encode(fabricate.noise_image(rng, "RGB", size), "JPEG")
+    for rel, data in files.items():
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / rel).write_bytes(data)
+    out = tmp_path / "out"
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out, "--stats-sample", "1")
+    index = load_index(out)
+    assert index.skipped == [] and index.conversions == {} and index.stats_sample["images"] == 1
+    assert sorted(image_of(m)[1] for _, m in read_split(out, "train")) == sorted(files.values())
+    assert shard.verify(out) == []
 
 
 def test_all_grayscale_imagefolder_gets_one_channel(tmp_path):
