@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from resnet_dist.crops import parse_range, parse_res_schedule
 from resnet_dist.errors import OneLineParser, UsageError
 from resnet_dist.models import MODELS
 from resnet_dist.recipes import RECIPES
@@ -48,7 +50,12 @@ class TrainConfig:
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(False, "Nesterov momentum (SGD)")
     weight_decay: float = opt(5e-4, "weight decay (L2 for sgd/adam, decoupled for adamw)")
-    schedule: str = opt("cosine", "lr schedule over all optimizer steps", ("cosine", "step", "onecycle", "none"))
+    schedule: str = opt(
+        "cosine",
+        "lr schedule over all optimizer steps (triangle: after the warm-up, straight down to 0, FFCV's cyclic)",
+        ("cosine", "step", "triangle", "onecycle", "none"),
+    )
+    lr_step_epochs: int = opt(0, "--schedule step: x0.1 every this many epochs; 0: at 50% and 75% of the run")
     warmup_epochs: float = opt(0.0, "linear warm-up from 0 (onecycle: length of the rising phase)")
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
     sync_bn: bool = opt(False, "synchronise BatchNorm statistics across processes")
@@ -59,7 +66,31 @@ class TrainConfig:
     )
     tuned_global_batch: int = opt(0, "global batch the lr was tuned for (set by --recipe; used by --scale-lr linear)")
     # data
-    crop_padding: int = opt(4, "random-crop padding in pixels (0: no crop)")
+    train_crop: str = opt(
+        "pad",
+        "pad: zero-pad + random crop + flip on the device (one image size only); rrc: RandomResizedCrop + flip "
+        "to --res in the loader workers (images of any size); center: resize + centre crop + flip to --res",
+        ("pad", "rrc", "center"),
+    )
+    res: int = opt(0, "side of the square crops of --train-crop rrc/center; 0: the images' own size (one size only)")
+    res_schedule: str = opt(
+        "",
+        "progressive resizing: START:END (linear over the run), START:END:N (END from epoch N, 0-based) or "
+        "START:END:A-B (START through epoch A, END from epoch B), multiples of 32; overrides --res",
+    )
+    rrc_scale: str = opt("0.08,1", "--train-crop rrc: range of the crop's area, as a fraction of the image's")
+    rrc_ratio: str = opt("3/4,4/3", "--train-crop rrc: range of the crop's aspect ratio (width / height)")
+    crop_ratio: float = opt(
+        0.875, "evaluation (and --train-crop center): resize the shorter side to res / this, then centre-crop res"
+    )
+    eval_res: int = opt(0, "evaluation crop side with --train-crop rrc/center; 0: the last training resolution")
+    decode: str = opt(
+        "cpu",
+        "gpu (CUDA only): workers send JPEG bytes, the training process decodes batches with nvJPEG and crops "
+        "on the GPU; cpu: workers decode and crop",
+        ("cpu", "gpu"),
+    )
+    crop_padding: int = opt(4, "--train-crop pad: random-crop padding in pixels (0: no crop)")
     flip: bool = opt(True, "random horizontal flip")
     random_erase: float = opt(
         0.0,
@@ -153,6 +184,15 @@ def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
         (cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0 (got {cfg.warmup_epochs})"),
         (0 <= cfg.random_erase <= 1, f"--random-erase must be in [0, 1] (got {cfg.random_erase})"),
         (cfg.crop_padding >= 0, f"--crop-padding must be >= 0 (got {cfg.crop_padding})"),
+        (cfg.res >= 0, f"--res must be >= 0 (got {cfg.res})"),
+        (cfg.eval_res >= 0, f"--eval-res must be >= 0 (got {cfg.eval_res})"),
+        (0 < cfg.crop_ratio <= 1, f"--crop-ratio must be in (0, 1] (got {cfg.crop_ratio})"),
+        (cfg.lr_step_epochs >= 0, f"--lr-step-epochs must be >= 0 (got {cfg.lr_step_epochs})"),
+        (
+            cfg.train_crop != "pad" or not (cfg.res or cfg.res_schedule or cfg.eval_res),
+            "--res, --res-schedule and --eval-res need --train-crop rrc or center (pad keeps the images' size)",
+        ),
+        (cfg.train_crop != "pad" or cfg.decode == "cpu", "--decode gpu needs --train-crop rrc or center"),
         (cfg.num_workers >= 0, f"--num-workers must be >= 0 (got {cfg.num_workers})"),
         (cfg.shuffle_block > 0, f"--shuffle-block must be positive (got {cfg.shuffle_block})"),
         (cfg.max_steps >= 0, f"--max-steps must be >= 0 (got {cfg.max_steps})"),
@@ -172,7 +212,24 @@ def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    check_crop_options(cfg)
     return cfg
+
+
+def check_crop_options(cfg: TrainConfig) -> None:
+    """--res-schedule, --rrc-scale and --rrc-ratio parse, and make sense."""
+    if cfg.res_schedule:
+        try:
+            parse_res_schedule(cfg.res_schedule)
+        except ValueError as exc:
+            raise UsageError(f"--res-schedule {cfg.res_schedule}: {exc}") from None
+    for flag, text, upper in (("--rrc-scale", cfg.rrc_scale, 1.0), ("--rrc-ratio", cfg.rrc_ratio, math.inf)):
+        try:
+            low, high = parse_range(text)
+        except ValueError:
+            raise UsageError(f"{flag} {text}: expected two numbers LOW,HIGH (fractions like 3/4 allowed)") from None
+        if not 0 < low <= high <= upper:
+            raise UsageError(f"{flag} {text}: need 0 < LOW <= HIGH{' <= 1' if upper == 1 else ''}")
 
 
 def resolve(given: dict) -> TrainConfig:

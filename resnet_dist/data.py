@@ -7,8 +7,12 @@ per-shard counts in index.json say where each slice starts, so a worker opens on
 slice touches, and a resumed run starts at sample k directly instead of reading and dropping k
 samples.
 
-Batches leave the workers as uint8 NHWC tensors (4x fewer bytes than float32); crop, flip and
-normalisation happen on the training device (resnet_dist.augment).
+Batches leave the workers as uint8 NHWC tensors of one size (4x fewer bytes than float32). Images
+of one size are decoded as they are and padded, cropped and flipped on the training device
+(resnet_dist.augment); images of any size are cropped to a fixed size in the workers
+(resnet_dist.crops: RandomResizedCrop, or resize + centre crop), or with --decode gpu sent as JPEG
+bytes for the training process to decode and crop (resnet_dist.gpu_decode). Normalisation always
+happens on the training device.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import cycle, islice
 
 import numpy as np
@@ -35,7 +39,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tv
 
+from resnet_dist.crops import CropSpec, Plan, batch_draws, decode_reduced, image_size, make_plan, reduction, resize_crop
 from resnet_dist.errors import DataError
+from resnet_dist.gpu_decode import encoded_batch
 from resnet_dist.guard import ignore_stop_signals
 from resnet_dist.index import DatasetIndex, ShardInfo, SplitInfo
 from resnet_dist.storage import read_bytes
@@ -162,8 +168,8 @@ def decode_fast(data: bytes, channels: int) -> np.ndarray | None:
     return array
 
 
-def decode_image(data: bytes, channels: int, size: tuple[int, int], where: str) -> np.ndarray:
-    """Encoded image -> uint8 HxWxC in the dataset's channel count."""
+def decode_image(data: bytes, channels: int, size: tuple[int, int] | None, where: str) -> np.ndarray:
+    """Encoded image -> uint8 HxWxC in the dataset's channel count; `size` (h, w): the size it must have."""
     array = decode_fast(data, channels)
     if array is None:
         try:
@@ -174,17 +180,50 @@ def decode_image(data: bytes, channels: int, size: tuple[int, int], where: str) 
             raise DataError(f"{where}: image does not decode ({exc})") from exc
         if array.ndim == 2:
             array = array[:, :, None]
-    if array.shape[:2] != tuple(size):
+    if size is not None and array.shape[:2] != tuple(size):
         raise DataError(f"{where}: image is {array.shape[1]}x{array.shape[0]}, index says {size[1]}x{size[0]}")
     return array
 
 
-def decode_sample(sample: dict, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, int]:
+def sample_parts(sample: dict) -> tuple[bytes, int, str]:
+    """(encoded image, label, where) of a sample read from a shard."""
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None or "cls" not in sample:
         raise DataError(f"{where}: sample lacks an image or a cls entry (has {sorted(sample)})")
-    return decode_image(sample[ext], channels, size, where), int(sample["cls"])
+    return sample[ext], int(sample["cls"]), where
+
+
+def decode_sample(sample: dict, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, int]:
+    data, label, where = sample_parts(sample)
+    return decode_image(data, channels, size, where), label
+
+
+def crop_image(data: bytes, channels: int, size: tuple[int, int], plan: Plan, res: int, where: str) -> np.ndarray:
+    """An encoded image of header size `size` through its crop plan: uint8 res x res x C, decoded at
+    reduced size where the plan allows it (a JPEG whose box holds 2x, 4x or 8x the pixels it keeps)."""
+    s = reduction(plan) if data[:2] == b"\xff\xd8" else 1
+    if s > 1:
+        array, s = decode_reduced(data, channels, s, where)
+    else:
+        array = decode_image(data, channels, None, where)
+    if array.shape[:2] != (-(-size[0] // s), -(-size[1] // s)):
+        raise DataError(
+            f"{where}: image decodes to {array.shape[1]}x{array.shape[0]}, its header says {size[1]}x{size[0]}"
+        )
+    image = torch.from_numpy(np.require(array, requirements="W")).permute(2, 0, 1)
+    # One transposing copy to interleaved HWC here (torch's kernel, ~0.1 ms at 224 px): numpy's strided
+    # copy into the batch would take ~0.6 ms for the same planar-to-interleaved move.
+    return resize_crop(image, plan, res, s).permute(1, 2, 0).contiguous().numpy()
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A sample left encoded for the device to decode (--decode gpu), with the crop it must get."""
+
+    data: bytes
+    plan: Plan
+    where: str
 
 
 def shard_problem(data: bytes, shard: ShardInfo) -> str | None:
@@ -391,6 +430,11 @@ class ShardStream(IterableDataset):
     (the tail that does not fill a batch on every rank is left for other epochs' orders).
     train=False: the split in file order, ranks take contiguous near-equal slices, the last batch may be
     short: every sample is seen exactly once across all ranks.
+
+    crop=None: images are decoded at their own size, which must be the index's one size. A CropSpec:
+    each image is decoded and cropped to spec.res (resnet_dist.crops), its random draws seeded by
+    (seed, epoch, rank, batch), so a resumed run crops exactly alike; decode="gpu" leaves
+    the cropping to the training process (resnet_dist.gpu_decode) and sends the JPEG bytes.
     """
 
     def __init__(
@@ -407,8 +451,13 @@ class ShardStream(IterableDataset):
         grad_accum: int = 1,
         shuffle_block: int = 2048,
         strict: bool = False,
+        crop: CropSpec | None = None,
+        decode: str = "cpu",
     ):
+        if crop is None and index.image_size is None:
+            raise DataError(f"{base}: its images vary in size; they need a crop (a CropSpec) to make batches")
         self.base, self.index, self.split_name, self.strict = base, index, split, strict
+        self.crop, self.decode = crop, decode
         self.split = index.splits[split]
         self.batch_size, self.rank, self.world_size, self.train = batch_size, rank, world_size, train
         self.seed, self.shuffle_block = seed, shuffle_block
@@ -422,9 +471,18 @@ class ShardStream(IterableDataset):
             self.num_batches = math.ceil((self.rank_stop - self.rank_start) / batch_size)
         self.epoch, self.start_batch = 0, 0
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Next iteration yields this epoch's batches from batch `start_batch` on (mid-epoch resume)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0, res: int | None = None) -> None:
+        """Next iteration yields this epoch's batches from batch `start_batch` on (mid-epoch resume),
+        cropped to `res` px if given (progressive resizing)."""
         self.epoch, self.start_batch = epoch, start_batch
+        if res is not None and self.crop is not None:
+            self.crop = replace(self.crop, res=res)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of the images in a batch."""
+        size = (self.crop.res, self.crop.res) if self.crop else tuple(self.index.image_size)
+        return (*size, self.index.channels)
 
     def __len__(self) -> int:
         return self.num_batches - self.start_batch
@@ -454,26 +512,46 @@ class ShardStream(IterableDataset):
             samples = block_shuffle(raw, self.shuffle_block, seed, first_block, drop=skip % self.shuffle_block)
         else:
             samples = self._read(order, begin + skip, end)
-        yield from self._batches(samples)
+        yield from self._batches(samples, iter(mine[done:]))
 
     def _read(self, order: list[int], start: int, stop: int) -> Iterator[dict | Lost]:
         for piece in pieces_for_range(self.split, order, start, stop):
             yield from read_piece(self.base, piece, self.strict)
 
-    def _decode(self, sample: dict | Lost) -> tuple[np.ndarray, int] | Lost:
+    def _decode(self, sample: dict | Lost, u: np.ndarray | None) -> tuple[np.ndarray | Encoded, int] | Lost:
         if isinstance(sample, Lost):
             return sample
         try:
-            return decode_sample(sample, self.index.channels, tuple(self.index.image_size))
+            if self.crop is None:
+                return decode_sample(sample, self.index.channels, tuple(self.index.image_size))
+            data, label, where = sample_parts(sample)
+            size = image_size(data, where)
+            plan = make_plan(*size, self.crop, u)
+            if self.decode == "gpu":
+                if data[:2] != b"\xff\xd8":
+                    raise DataError(f"{where}: not a JPEG; --decode gpu decodes JPEG shards only")
+                return Encoded(data, plan, where), label
+            return crop_image(data, self.index.channels, size, plan, self.crop.res, where), label
         except DataError as exc:
             if self.strict:
                 raise
             return Lost(f"{exc}; sample skipped")
 
-    def _batches(self, samples: Iterator[dict | Lost]) -> Iterator[tuple]:
+    def _draws(self, batch: int) -> np.ndarray | list[None]:
+        """The batch's crop uniforms: for random crops in training only (evaluation crops the centre)."""
+        if self.crop is None or not self.train:
+            return [None] * self.batch_size
+        return batch_draws(self.seed, self.epoch, self.rank, batch, self.batch_size)
+
+    def _chunk(self, samples: Iterator[dict | Lost], numbers: Iterator[int]) -> list:
+        """The next batch_size positions of the stream, decoded (Lost where they cannot be)."""
+        taken = list(islice(samples, self.batch_size))
+        return [self._decode(s, u) for s, u in zip(taken, self._draws(next(numbers)))] if taken else []
+
+    def _batches(self, samples: Iterator[dict | Lost], numbers: Iterator[int]) -> Iterator[tuple]:
         """Every batch_size stream positions make one batch, whatever was lost, so batch counts stay exact."""
         previous: list = []
-        while chunk := [self._decode(s) for s in islice(samples, self.batch_size)]:
+        while chunk := self._chunk(samples, numbers):
             good = [item for item in chunk if not isinstance(item, Lost)]
             problems = sorted({item.reason for item in chunk if isinstance(item, Lost)})
             lost = len(chunk) - len(good)
@@ -485,11 +563,13 @@ class ShardStream(IterableDataset):
                     raise DataError(f"{self.split_name}: no readable sample to train on ({problems[0]})")
                 good = good + list(islice(cycle(pool), self.batch_size - len(good)))
             previous = good or previous
-            if good:
+            if good and isinstance(good[0][0], Encoded):
+                yield (*encoded_batch(good, self.crop.res, self.index.channels), lost, problems)
+            elif good:
                 yield (*collate(good), lost, problems)
             elif lost:  # an eval batch with nothing readable: report it with an empty batch
                 yield (
-                    torch.empty(0, *self.index.image_size, self.index.channels, dtype=torch.uint8),
+                    torch.empty(0, *self.shape, dtype=torch.uint8),
                     torch.empty(0, dtype=torch.int64),
                     lost,
                     problems,

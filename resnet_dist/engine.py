@@ -22,6 +22,7 @@ from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream, make_loader
 from resnet_dist.distributed import await_peers, check_world_size
 from resnet_dist.errors import UsageError
+from resnet_dist.gpu_decode import batch_to_device
 from resnet_dist.guard import StepGuard
 from resnet_dist.hardware import cpu_has_bf16
 
@@ -155,11 +156,11 @@ def evaluate(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     problems = []
     for images, labels, lost, batch_problems in make_loader(stream, num_workers, pin_memory=device.type == "cuda"):
-        sums[4] += lost
-        problems += batch_problems
+        images, labels, gpu_lost, gpu_problems = batch_to_device(images, labels, device, False, stream.strict)
+        sums[4] += lost + gpu_lost
+        problems += batch_problems + gpu_problems
         if labels.numel() == 0:
             continue
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with accelerator.autocast():
             logits = eval_scores(model, images, augment, tta_flip)
         sums[:4] += torch.stack(

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from resnet_dist.augment import BatchAugment
 from resnet_dist.checkpoint import find_checkpoint, load_weights
 from resnet_dist.config import TrainConfig
+from resnet_dist.crops import eval_crop_spec
 from resnet_dist.data import ShardStream
 from resnet_dist.distributed import await_peers, check_world_size, end_run
 from resnet_dist.engine import evaluate
@@ -284,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         train=False,
+        crop=eval_crop_spec(cfg, index.image_size),
     )
     # The model saw the mean/std of the shards it was trained on: normalise with those.
     augment = BatchAugment(

@@ -17,9 +17,13 @@ from typing import Any
 from resnet_dist.errors import DataError
 from resnet_dist.filesafe import fsync_dir
 
-FORMAT_VERSION = 1
+# Version 2 (this writer): `image_size` may be null (sizes vary), plus `sizes`, `max_size`,
+# `conversions` and `stats_sample`. Version 1 indexes (fixed size, none of those) still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 INDEX_NAME = "index.json"
 IMAGE_FORMATS = ("png", "jpeg")
+SIZE_FIELDS = ("height", "width", "shorter_side", "longer_side")
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class SplitInfo:
 class DatasetIndex:
     source: str
     classes: list[str]
-    image_size: tuple[int, int]  # (height, width)
+    image_size: tuple[int, int] | None  # (height, width); None: sizes vary (see `sizes`)
     channels: int
     format: str
     mean: list[float]
@@ -52,6 +56,13 @@ class DatasetIndex:
     args: dict = field(default_factory=dict)
     created: str = ""
     tool: str = ""
+    # {"height"|"width"|"shorter_side"|"longer_side": {"min", "median", "max"}} over every packed image.
+    sizes: dict[str, dict[str, int]] | None = None
+    max_size: int | None = None  # --max-size: no stored image has a shorter side above it
+    conversions: dict[str, int] = field(default_factory=dict)  # images not copied byte-for-byte, by reason
+    stats_sample: dict[str, int] | None = None  # {"images", "of", "seed"}: what mean/std were computed from
+    # As read; what to_json writes is always FORMAT_VERSION. Version 1 writers copied CMYK JPEGs as they were.
+    format_version: int = FORMAT_VERSION
 
     @property
     def num_classes(self) -> int:
@@ -63,7 +74,7 @@ class DatasetIndex:
             "source": self.source,
             "classes": list(self.classes),
             "num_classes": self.num_classes,
-            "image_size": list(self.image_size),
+            "image_size": None if self.image_size is None else list(self.image_size),
             "channels": self.channels,
             "format": self.format,
             "mean": list(self.mean),
@@ -83,6 +94,10 @@ class DatasetIndex:
         if self.extra_labels:
             obj["extra_labels"] = {k: list(v) for k, v in self.extra_labels.items()}
         obj.update(
+            sizes=None if self.sizes is None else {k: dict(v) for k, v in self.sizes.items()},
+            max_size=self.max_size,
+            conversions=dict(self.conversions),
+            stats_sample=None if self.stats_sample is None else dict(self.stats_sample),
             skipped=list(self.skipped),
             notes=list(self.notes),
             args=dict(self.args),
@@ -175,21 +190,77 @@ def _parse_split(name: str, obj: Any, where: str) -> SplitInfo:
     return SplitInfo(num_samples=count, shards=shards)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _image_size(obj: dict, version: int, where: str) -> tuple[int, int] | None:
+    if version >= 2 and _get(obj, "image_size", (list, type(None)), where) is None:
+        return None  # sizes vary: each image keeps its own
+    size = _get(obj, "image_size", list, where)
+    if len(size) != 2 or not all(_is_int(v) and v > 0 for v in size):
+        raise _bad(where, f"image_size must be [height, width] of positive integers, got {size!r}")
+    return size[0], size[1]
+
+
+def _parse_sizes(obj: dict, image_size: tuple[int, int] | None, where: str) -> dict[str, dict[str, int]] | None:
+    sizes = _get(obj, "sizes", (dict, type(None)), where, None)
+    if sizes is None:
+        return None
+    if sorted(sizes) != sorted(SIZE_FIELDS):
+        raise _bad(where, f"sizes must have exactly {', '.join(SIZE_FIELDS)}, got {sorted(sizes)}")
+    out = {}
+    for name in SIZE_FIELDS:
+        stat = sizes[name]
+        ok = isinstance(stat, dict) and sorted(stat) == ["max", "median", "min"]
+        if not ok or not all(_is_int(v) for v in stat.values()) or not 0 < stat["min"] <= stat["median"] <= stat["max"]:
+            raise _bad(where, f"sizes.{name} must be {{min, median, max}} with 0 < min <= median <= max, got {stat!r}")
+        out[name] = {k: stat[k] for k in ("min", "median", "max")}
+    if image_size is not None:
+        # A fixed image_size is a claim about every image: the distribution must be that one point.
+        for name, side in (("height", image_size[0]), ("width", image_size[1])):
+            if not out[name]["min"] == out[name]["max"] == side:
+                raise _bad(
+                    where, f"sizes.{name} spans {out[name]['min']}..{out[name]['max']} but image_size says {side}"
+                )
+    elif out["height"]["min"] == out["height"]["max"] and out["width"]["min"] == out["width"]["max"]:
+        raise _bad(where, "image_size is null but sizes say every image is the same size")
+    return out
+
+
+def _v2_fields(obj: dict, image_size: tuple[int, int] | None, where: str) -> dict[str, Any]:
+    """sizes, max_size, conversions, stats_sample: optional (version 1 has none), checked when present."""
+    max_size = _get(obj, "max_size", (int, type(None)), where, None)
+    if max_size is not None and max_size <= 0:
+        raise _bad(where, f"max_size must be > 0 or null, got {max_size}")
+    sizes = _parse_sizes(obj, image_size, where)
+    if max_size is not None and sizes is not None and sizes["shorter_side"]["max"] > max_size:
+        raise _bad(where, f"sizes.shorter_side.max {sizes['shorter_side']['max']} exceeds max_size {max_size}")
+    conversions = _get(obj, "conversions", dict, where, {})
+    if not all(_is_int(v) and v > 0 for v in conversions.values()):
+        raise _bad(where, f"conversions must map each kind to a count > 0, got {conversions!r}")
+    sample = _get(obj, "stats_sample", (dict, type(None)), where, None)
+    if sample is not None:
+        ok = sorted(sample) == ["images", "of", "seed"] and all(_is_int(v) for v in sample.values())
+        if not ok or not 0 < sample["images"] <= sample["of"]:
+            raise _bad(where, f"stats_sample must be {{images, of, seed}} with 0 < images <= of, got {sample!r}")
+        sample = dict(sample)
+    return {"sizes": sizes, "max_size": max_size, "conversions": dict(conversions), "stats_sample": sample}
+
+
 def parse_index(obj: dict, where: str) -> DatasetIndex:
     """Validate a decoded index.json; DataError with one line naming `where` on any problem."""
     if not isinstance(obj, dict):
         raise _bad(where, "index must be a JSON object")
     version = _get(obj, "format_version", int, where)
-    if version != FORMAT_VERSION:
-        raise _bad(where, f"format_version {version} is not supported (expected {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise _bad(where, f"format_version {version} is not supported (expected one of {READABLE_VERSIONS})")
     classes = _str_list(obj, "classes", where)
     if not classes:
         raise _bad(where, "classes is empty")
     if "num_classes" in obj and _get(obj, "num_classes", int, where) != len(classes):
         raise _bad(where, f"num_classes is {obj['num_classes']} but there are {len(classes)} class names")
-    size = _get(obj, "image_size", list, where)
-    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
-        raise _bad(where, f"image_size must be [height, width] of positive integers, got {size!r}")
+    size = _image_size(obj, version, where)
     channels = _get(obj, "channels", int, where)
     if channels not in (1, 3):
         raise _bad(where, f"channels must be 1 or 3, got {channels}")
@@ -218,7 +289,7 @@ def parse_index(obj: dict, where: str) -> DatasetIndex:
     return DatasetIndex(
         source=_get(obj, "source", str, where),
         classes=classes,
-        image_size=(size[0], size[1]),
+        image_size=size,
         channels=channels,
         format=fmt,
         mean=mean,
@@ -230,6 +301,8 @@ def parse_index(obj: dict, where: str) -> DatasetIndex:
         args=dict(_get(obj, "args", dict, where, {})),
         created=_get(obj, "created", str, where, ""),
         tool=_get(obj, "tool", str, where, ""),
+        **_v2_fields(obj, size, where),
+        format_version=version,
     )
 
 

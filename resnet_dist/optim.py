@@ -19,17 +19,22 @@ def build_optimizer(cfg, params) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+def lr_factor(step: int, total: int, warmup: int, schedule: str, step_every: int = 0) -> float:
     """Multiplier of the peak lr after `step` optimizer steps out of `total`.
 
-    Linear warm-up from ~0 over `warmup` steps, then: cosine to 0; step (x0.1 at 50% and 75%, the
-    ResNet paper's milestones scaled to the run); none (constant).
+    Linear warm-up from ~0 over `warmup` steps, then: cosine to 0; triangle: linearly to 0 (with the warm-up, FFCV's
+    "cyclic" triangle); step (x0.1 every `step_every` steps, as torchvision's StepLR; if 0, at 50% and 75%,
+    the ResNet paper's milestones scaled to the run); none (constant).
     """
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule == "triangle":
+        return max(0.0, 1.0 - progress)
+    if schedule == "step" and step_every:
+        return 0.1 ** (step // step_every)
     if schedule == "step":
         return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
     return 1.0
@@ -52,4 +57,7 @@ def build_scheduler(cfg, optimizer, total_steps: int, steps_per_epoch: int):
             pct_start=pct,
             cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0,
         )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.schedule))
+    every = cfg.lr_step_epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.schedule, every)
+    )

@@ -21,6 +21,9 @@ class Recipe:
 # The timed results train on all 60k images, as the dataset's published benchmark does.
 FMNIST_FULL = "python -m resnet_dist.shard fashion-mnist --root /usr/share/datasets/fashion-mnist"
 
+# ILSVRC-2012 as people have it (train/<wnid>/*.JPEG, val in folders or flat with LOC_val_solution.csv).
+IMAGENET = "python -m resnet_dist.shard imagenet --root ILSVRC2012 --max-size 512 (JPEGs kept as they are)"
+
 RECIPES: dict[str, Recipe] = {
     "tinyimagenet-resnet34": Recipe(
         "ResNet-34, 3x3 stem without max-pool at 64x64, dropout 0.4, SGD 0.01 cosine, wd 4e-4, 100 epochs "
@@ -177,6 +180,67 @@ RECIPES: dict[str, Recipe] = {
             eval_every=3,
         ),
         shards=FMNIST_FULL,
+    ),
+    "imagenet-resnet50": Recipe(
+        "torchvision's reference ResNet-50 recipe (the classic one, not the improved 80.9% one): SGD 0.1 momentum "
+        "0.9, wd 1e-4, x0.1 every 30 epochs, 90 epochs, batch 32 per process x 8 = 256, RandomResizedCrop 224 + "
+        "flip, eval resize 256 + centre 224. Published: 76.13% top-1 (torchvision's ResNet50_Weights.IMAGENET1K_V1, "
+        "trained on 8 V100s; no training time published)",
+        global_batch=256,
+        settings=dict(
+            model="resnet50",
+            stem="imagenet",
+            width=64,
+            dropout=0.0,
+            optimizer="sgd",
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=1e-4,
+            schedule="step",
+            lr_step_epochs=30,
+            epochs=90,
+            batch_size=32,
+            train_crop="rrc",
+            res=224,
+            rrc_scale="0.08,1",
+            rrc_ratio="3/4,4/3",
+            crop_ratio=0.875,
+            eval_res=224,
+            flip=True,
+        ),
+        shards=IMAGENET,
+    ),
+    "imagenet-resnet18": Recipe(
+        "FFCV's rn18_16_epochs config: ResNet-18, SGD peak 0.5 at epoch 2 then linear to 0, momentum 0.9, wd 5e-5, "
+        "label smoothing 0.1, batch 1024, 16 epochs, RandomResizedCrop 160 px rising to 192 over epochs 11-13, "
+        "eval at 256 (crop ratio 224/256) with flip TTA. Published (FFCV's ImageNet table, 1 x A100): 66.9% top-1 "
+        "in 35.0 min; their 24/32/40/56/88-epoch configs: 68.8/70.0/70.6/71.3/72.4% in 51.6/68.9/85.5/119.4/187.3 "
+        "min. Not replicated here: FFCV's BlurPool and no weight decay on BatchNorm",
+        global_batch=1024,
+        settings=dict(
+            model="resnet18",
+            stem="imagenet",
+            width=64,
+            dropout=0.0,
+            optimizer="sgd",
+            lr=0.5,
+            momentum=0.9,
+            weight_decay=5e-5,
+            schedule="triangle",
+            warmup_epochs=2.0,
+            epochs=16,
+            batch_size=1024,
+            label_smoothing=0.1,
+            train_crop="rrc",
+            res_schedule="160:192:11-13",
+            rrc_scale="0.08,1",
+            rrc_ratio="3/4,4/3",
+            crop_ratio=0.875,
+            eval_res=256,
+            eval_tta="flip",
+            flip=True,
+        ),
+        shards=IMAGENET,
     ),
 }
 

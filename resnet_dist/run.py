@@ -34,6 +34,11 @@ RESUME_MUST_MATCH = (
     "num_workers",
     "shuffle_block",
     "sync_bn",
+    "train_crop",
+    "res",
+    "res_schedule",
+    "rrc_scale",
+    "rrc_ratio",
 )
 
 

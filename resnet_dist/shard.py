@@ -22,8 +22,9 @@ import sys
 import tarfile
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,9 +61,17 @@ DEFAULT_JPEG_QUALITY = 90
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z; 0 trips some tools' "implausibly old" checks
 CHUNK = 256  # samples per pool task: large enough to amortise pickling, small for smooth progress
 DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion-mnist")
+FILE_SOURCES = ("tiny-imagenet", "imagefolder", "imagenet")  # sources of encoded image files, some possibly re-encoded
+RESIZABLE = ("imagefolder", "imagenet")  # sources of images of any size (--max-size)
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 SHARD_RE = re.compile(r"^.+-\d{6}\.tar$")
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+JPEG_NAMES = ("jpg", "jpeg")
+LOSSY_FORMATS = ("JPEG", "MPO")
+# Train images whose pixels give mean/std when the source is files (each needs a full decode): the
+# per-channel mean of 10,000 random photos is within ~0.001 of the whole set's (docs/shards.md).
+# Decoded-array sources (CIFAR, IDX, synthetic) use every image: their pixels cost nothing to get.
+DEFAULT_STATS_SAMPLE = 10_000
 
 console = Console(stderr=False, highlight=False)
 
@@ -94,6 +103,9 @@ def shuffled_order(n: int, seed: int, split: str, limit: int | None) -> np.ndarr
     return order[:limit] if limit else order
 
 
+_LEVELS = np.arange(256, dtype=np.int64)
+
+
 @dataclass
 class PixelStats:
     """Per-channel sum and sum of squares of uint8 pixels, as exact Python integers.
@@ -108,8 +120,10 @@ class PixelStats:
 
     def add(self, pixels: np.ndarray, channels: int) -> None:
         """Add uint8 pixels: ... x H x W for one channel, ... x H x W x C for C."""
-        flat = pixels.reshape(-1, channels).astype(np.int64)
-        sums, squares = flat.sum(0).tolist(), (flat * flat).sum(0).tolist()
+        flat = pixels.reshape(-1, channels)
+        # A 256-bin histogram per channel gives both sums exactly, ~9x faster than squaring in int64.
+        hist = np.stack([np.bincount(flat[:, c], minlength=256) for c in range(channels)]).astype(np.int64)
+        sums, squares = (hist @ _LEVELS).tolist(), (hist @ (_LEVELS * _LEVELS)).tolist()
         self.merge(PixelStats(len(flat), tuple(sums), tuple(squares)))
 
     def merge(self, other: PixelStats) -> None:
@@ -168,12 +182,13 @@ def tar_end(offset: int) -> bytes:
 
 @dataclass(frozen=True)
 class Plan:
-    size: tuple[int, int]  # (height, width) every image must have
+    size: tuple[int, int] | None  # (height, width) every image must have; None: each keeps its own
     channels: int
     format: str  # png | jpeg, for images this tool encodes
     quality: int
     resize: bool  # --image-size given: resize + center-crop instead of rejecting
-    stats: bool  # accumulate mean/std for this split
+    max_size: int | None  # --max-size: shrink images whose shorter side is larger
+    stats_until: int  # samples at shuffled positions below this add to mean/std (0: none)
 
 
 @dataclass
@@ -182,6 +197,9 @@ class Encoded:
     coarse: int | None
     payload: bytes
     ext: str  # png | jpg
+    size: tuple[int, int]  # (height, width) as stored
+    conversions: tuple[str, ...] = ()  # why a file was not copied byte-for-byte
+    gray_jpeg: bool = False  # a grayscale JPEG copied into a 3-channel dataset
 
 
 @dataclass
@@ -199,10 +217,18 @@ def resize_crop(im: Image.Image, height: int, width: int) -> Image.Image:
     return im.crop((left, top, left + width, top + height))
 
 
-def encode_image(im: Image.Image, plan: Plan) -> tuple[bytes, str]:
+def shrunk(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side brought down to max_size, the aspect ratio kept."""
+    scale = max_size / min(width, height)
+    if width <= height:
+        return max_size, max(1, round(height * scale))
+    return max(1, round(width * scale)), max_size
+
+
+def encode_image(im: Image.Image, fmt: str, quality: int) -> tuple[bytes, str]:
     buf = io.BytesIO()
-    if plan.format == "jpeg":
-        im.save(buf, "JPEG", quality=plan.quality)
+    if fmt == "jpeg":
+        im.save(buf, "JPEG", quality=quality)
         return buf.getvalue(), "jpg"
     im.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue(), "png"
@@ -214,39 +240,91 @@ def decode_file(data: bytes) -> Image.Image:
     return im
 
 
-def encode_sample(sample: Sample, plan: Plan) -> tuple[Encoded, np.ndarray] | Skipped:
-    """One sample -> its shard payload and the pixels the trainer will decode, or why not."""
-    if sample.error:
-        return Skipped(sample.name, sample.error)
-    copyable = False
-    if sample.array is not None:
-        im = Image.fromarray(sample.array)
-    else:
-        try:
-            im = decode_file(sample.data or b"")
-        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-            return Skipped(sample.name, f"cannot decode: {exc}")
-        # Already-encoded PNG/JPEG files travel byte-for-byte: never recompress a JPEG.
-        copyable = im.format in ("PNG", "JPEG")
-    height, width = plan.size
-    if im.size != (width, height):
-        if not plan.resize:
-            return Skipped(sample.name, f"size {im.width}x{im.height} differs from {width}x{height} (see --image-size)")
-        copyable = False
+def conversion_reasons(im: Image.Image, ext: str | None) -> list[str]:
+    """Why an image file cannot be copied byte-for-byte, from its header alone; [] means copy it.
+
+    Copied: PNG in any mode (the decoder converts it), and baseline JPEG in RGB or L, the JPEG every
+    decoder reads directly (PIL, libjpeg-turbo, nvJPEG's hardware engine). Progressive JPEGs decode
+    ~3x slower (docs/shards.md), so they are re-encoded as baseline once, here, not in every epoch.
+    """
+    if im.format == "PNG":
+        return ["png_named_jpeg"] if ext in JPEG_NAMES else []
+    if im.format != "JPEG":
+        return ["other_format"]  # BMP, TIFF, WebP, GIF, MPO (a camera JPEG with extra frames) ...
+    reasons = []
+    if im.mode not in ("RGB", "L"):
+        reasons.append("cmyk_jpeg" if im.mode == "CMYK" else "other_jpeg_mode")
+    if im.info.get("progressive") or im.info.get("progression"):
+        reasons.append("progressive_jpeg")
+    return reasons
+
+
+def convert(sample: Sample, im: Image.Image, plan: Plan, fmt: str, with_pixels: bool) -> tuple[Encoded, np.ndarray]:
+    """Decode, convert to the dataset's mode, resize if the plan says so, encode with `fmt`."""
     mode = "L" if plan.channels == 1 else "RGB"
     # The same conversion the trainer applies on decode (docs/shard-format.md), so the mean/std
-    # below describe exactly the pixels it will see.
-    pixels_im = im if im.mode == mode else im.convert(mode)
-    if pixels_im.size != (width, height):
-        pixels_im = resize_crop(pixels_im, height, width)
-    if copyable:
-        payload, ext = sample.data, ("png" if im.format == "PNG" else "jpg")
-    else:
-        payload, ext = encode_image(pixels_im, plan)
-        if ext == "jpg":
-            # JPEG is lossy (it smooths noise: std drops visibly): describe the decoded pixels.
-            pixels_im = decode_file(payload).convert(mode)
-    return Encoded(sample.label, sample.coarse, payload, ext), np.asarray(pixels_im)
+    # describe exactly the pixels it will see.
+    out = im if im.mode == mode else im.convert(mode)
+    if plan.size is not None and out.size != (plan.size[1], plan.size[0]):
+        out = resize_crop(out, *plan.size)
+    elif plan.max_size and min(out.size) > plan.max_size:
+        # LANCZOS after a box pre-reduction to 3x the target: PIL documents the result as
+        # indistinguishable from plain LANCZOS, at a fraction of the cost for big shrinks.
+        out = out.resize(shrunk(*out.size, plan.max_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    payload, ext = encode_image(out, fmt, plan.quality)
+    pixels = None
+    if with_pixels:
+        # JPEG is lossy (it smooths noise: std drops visibly): describe the decoded pixels.
+        pixels = np.asarray(out if ext == "png" else decode_file(payload).convert(mode))
+    return Encoded(sample.label, sample.coarse, payload, ext, (out.height, out.width)), pixels
+
+
+def encode_file(sample: Sample, plan: Plan, with_pixels: bool) -> tuple[Encoded, np.ndarray | None] | Skipped:
+    """An image file: copied byte-for-byte when it can be, else converted (and why, counted)."""
+    try:
+        im = Image.open(io.BytesIO(sample.data or b""))
+        reasons = conversion_reasons(im, sample.ext)
+        width, height = im.size
+        if plan.size is not None and (height, width) != plan.size:
+            if not plan.resize:
+                h, w = plan.size
+                return Skipped(sample.name, f"size {width}x{height} differs from {w}x{h} (see --image-size)")
+            reasons.append("resized")
+        elif plan.max_size and min(width, height) > plan.max_size:
+            reasons.append("resized")
+        if not reasons and not with_pixels and im.format == "JPEG":
+            # Only checking that it decodes: entropy decoding covers every byte at 1/8 scale too.
+            im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))  # (0, 0) divides by zero
+        im.load()  # a truncated or corrupt file must fail here, not in the trainer
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        return Skipped(sample.name, f"cannot decode: {exc}")
+    if reasons:
+        # A JPEG stays JPEG (PNG would not undo its loss, only make it ~5x bigger); --image-size
+        # re-encodes with --format, as it always has.
+        fmt = "jpeg" if im.format in LOSSY_FORMATS and not plan.resize else plan.format
+        encoded, pixels = convert(sample, im, plan, fmt, with_pixels)
+        encoded.conversions = tuple(reasons)
+        return encoded, pixels
+    pixels = None
+    if with_pixels:
+        mode = "L" if plan.channels == 1 else "RGB"
+        pixels = np.asarray(im if im.mode == mode else im.convert(mode))
+    ext = "png" if im.format == "PNG" else "jpg"
+    gray = im.format == "JPEG" and im.mode == "L" and plan.channels == 3
+    return Encoded(sample.label, sample.coarse, sample.data, ext, (height, width), gray_jpeg=gray), pixels
+
+
+def encode_sample(sample: Sample, plan: Plan, with_pixels: bool) -> tuple[Encoded, np.ndarray | None] | Skipped:
+    """One sample -> its shard payload and (if asked) the pixels the trainer will decode, or why not."""
+    if sample.error:
+        return Skipped(sample.name, sample.error)
+    if sample.array is None:
+        return encode_file(sample, plan, with_pixels)
+    im = Image.fromarray(sample.array)
+    if plan.size is not None and im.size != (plan.size[1], plan.size[0]) and not plan.resize:
+        h, w = plan.size
+        return Skipped(sample.name, f"size {im.width}x{im.height} differs from {w}x{h} (see --image-size)")
+    return convert(sample, im, plan, plan.format, with_pixels)
 
 
 def frame_sample(key: str, item: Encoded) -> bytes:
@@ -263,6 +341,30 @@ class ChunkResult:
     sizes: list[int]  # bytes of each sample in `blob`
     skipped: list[Skipped]
     stats: PixelStats
+    dims: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each stored image
+    conversions: Counter = field(default_factory=Counter)
+    gray_jpegs: int = 0
+    stats_images: int = 0  # images whose pixels are in `stats`
+
+
+class PendingPixels:
+    """Batches images into one PixelStats.add: per image, the call overhead dominates on 28x28 images."""
+
+    LIMIT = 4 << 20  # bytes held before a flush: small images batch, large ones go almost one by one
+
+    def __init__(self, stats: PixelStats, channels: int):
+        self.stats, self.channels, self.held, self.size = stats, channels, [], 0
+
+    def add(self, pixels: np.ndarray) -> None:
+        self.held.append(pixels.reshape(-1, self.channels))
+        self.size += pixels.size
+        if self.size >= self.LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.held:
+            self.stats.add(np.concatenate(self.held), self.channels)
+        self.held, self.size = [], 0
 
 
 @dataclass(frozen=True)
@@ -277,22 +379,30 @@ def encode_chunk(task: Task) -> ChunkResult:
     """Encode and frame a chunk in a worker: the parent only appends bytes to the shard file.
 
     A sample's key is its position in the shuffled split, known before encoding, so workers can
-    frame it; a skipped input leaves a gap in the keys rather than renumbering the rest.
+    frame it; a skipped input leaves a gap in the keys rather than renumbering the rest. The
+    shuffle is seeded, so the first `stats_until` positions are a seeded random sample.
     """
-    parts, sizes, skipped, pixels = [], [], [], []
+    out = ChunkResult(b"", [], [], PixelStats())
+    parts, pending = [], PendingPixels(out.stats, task.plan.channels)
     for i, sample in enumerate(iter_samples(task.chunk)):
-        result = encode_sample(sample, task.plan)
+        ordinal = task.first + i
+        result = encode_sample(sample, task.plan, ordinal < task.plan.stats_until)
         if isinstance(result, Skipped):
-            skipped.append(result)
+            out.skipped.append(result)
             continue
-        parts.append(frame_sample(f"{task.split}_{task.first + i:08d}", result[0]))
-        sizes.append(len(parts[-1]))
-        if task.plan.stats:
-            pixels.append(result[1])
-    stats = PixelStats()
-    if pixels:  # one vectorised sum per chunk: every image has the plan's size and channels
-        stats.add(np.stack(pixels), task.plan.channels)
-    return ChunkResult(b"".join(parts), sizes, skipped, stats)
+        encoded, pixels = result
+        parts.append(frame_sample(f"{task.split}_{ordinal:08d}", encoded))
+        out.sizes.append(len(parts[-1]))
+        out.dims.append(encoded.size)
+        if encoded.conversions:
+            out.conversions.update(encoded.conversions)
+        out.gray_jpegs += encoded.gray_jpeg
+        if pixels is not None:
+            pending.add(pixels)
+            out.stats_images += 1
+    pending.flush()
+    out.blob = b"".join(parts)
+    return out
 
 
 def probe_chunk(chunk: Split) -> list[tuple[str, tuple[int, int] | None, str]]:
@@ -410,25 +520,9 @@ def prepare_out_dir(folder: Path, overwrite: bool) -> None:
 # --- planning -------------------------------------------------------------------------------------
 
 
-def decide_geometry(
-    probes: list[tuple[str, tuple[int, int], str]], image_size: int | None, channels: int | None
-) -> tuple[tuple[int, int], int]:
-    """((height, width), channels) for files of unknown geometry, from their headers."""
-    if image_size:
-        size = (image_size, image_size)
-    else:
-        first = probes[0]
-        other = next((p for p in probes if p[1] != first[1]), None)
-        if other is not None:
-            (w1, h1), (w2, h2) = first[1], other[1]
-            raise UsageError(
-                f"images differ in size ({first[0]} is {w1}x{h1}, {other[0]} is {w2}x{h2}): "
-                "pass --image-size N to resize the shorter side to N and center-crop"
-            )
-        size = (first[1][1], first[1][0])
-    if channels is None:
-        channels = 1 if all(p[2] in GRAY_MODES for p in probes) else 3
-    return size, channels
+def decide_channels(probes: list[tuple[str, tuple[int, int], str]]) -> int:
+    """1 when every file is grayscale, else 3: from the files' headers."""
+    return 1 if all(p[2] in GRAY_MODES for p in probes) else 3
 
 
 def ignore_sigint() -> None:
@@ -539,14 +633,11 @@ def pack(args: argparse.Namespace) -> DatasetIndex:
         # spawn: workers import only this module's needs, whatever the parent has loaded.
         pool = multiprocessing.get_context("spawn").Pool(args.workers, initializer=ignore_sigint)
     try:
-        if source.image_size is None or source.channels is None:
-            if args.image_size and args.channels:
-                size, channels = (args.image_size, args.image_size), args.channels
-            else:
-                size, channels = decide_geometry(probe_files(source, pool, args.strict), args.image_size, args.channels)
-        else:
-            size = (args.image_size, args.image_size) if args.image_size else source.image_size
-            channels = args.channels or source.channels
+        channels = args.channels or source.channels
+        if channels is None:
+            channels = decide_channels(probe_files(source, pool, args.strict))
+        # None: every image keeps its own size (ImageFolder, ImageNet); the index says if they vary.
+        size = (args.image_size, args.image_size) if args.image_size else source.image_size
         index = write_splits(source, args, out, pool, size, channels)
     finally:
         if pool is not None:
@@ -557,13 +648,55 @@ def pack(args: argparse.Namespace) -> DatasetIndex:
     return index
 
 
-def write_splits(source: Source, args, out: Path, pool, size: tuple[int, int], channels: int) -> DatasetIndex:
+@dataclass
+class Totals:
+    """What the chunks of every split add up to, for index.json."""
+
+    stats: PixelStats = field(default_factory=PixelStats)
+    stats_images: int = 0
+    dims: list[np.ndarray] = field(default_factory=list)
+    conversions: Counter = field(default_factory=Counter)
+    gray_jpegs: int = 0
+
+    def add(self, result: ChunkResult) -> None:
+        self.stats.merge(result.stats)
+        self.stats_images += result.stats_images
+        self.dims.append(np.asarray(result.dims, dtype=np.int64).reshape(-1, 2))
+        self.conversions.update(result.conversions)
+        self.gray_jpegs += result.gray_jpegs
+
+
+def size_stats(dims: np.ndarray) -> dict[str, dict[str, int]]:
+    """min / median / max of the heights, widths, shorter and longer sides of (height, width) rows.
+
+    The median is the lower middle value, so it is always a side some image has.
+    """
+    columns = {"height": dims[:, 0], "width": dims[:, 1], "shorter_side": dims.min(1), "longer_side": dims.max(1)}
+    out = {}
+    for name, values in columns.items():
+        values = np.sort(values)
+        out[name] = {"min": int(values[0]), "median": int(values[(len(values) - 1) // 2]), "max": int(values[-1])}
+    return out
+
+
+def stats_until(source: Source, args, name: str, stats_name: str, count: int) -> int:
+    """How many shuffled positions of split `name` feed mean/std: a prefix of a seeded shuffle is a seeded
+    random sample."""
+    if name != stats_name:
+        return 0
+    cap = args.stats_sample
+    if cap is None:
+        cap = 0 if source.splits[name].files is None else DEFAULT_STATS_SAMPLE
+    return count if cap == 0 else min(cap, count)
+
+
+def write_splits(source: Source, args, out: Path, pool, size: tuple[int, int] | None, channels: int) -> DatasetIndex:
     stats_name = stats_split(source.splits)
     if stats_name != "train":
         source.notes.append(f"no train split: mean/std are over '{stats_name}'")
     if args.limit:
         source.notes.append(f"--limit {args.limit}: at most {args.limit} samples per split")
-    stats = PixelStats()
+    totals = Totals()
     splits: dict[str, SplitInfo] = {}
     progress = Progress(
         TextColumn("{task.description:>8}"),
@@ -576,41 +709,60 @@ def write_splits(source: Source, args, out: Path, pool, size: tuple[int, int], c
     with progress:
         for name in sorted(source.splits, key=lambda n: (n != "train", n)):
             split = source.splits[name]
-            order = shuffled_order(len(split), args.seed, name, args.limit)
-            data = split.take(order)
-            plan = Plan(
-                size,
-                channels,
-                args.format,
-                args.quality or DEFAULT_JPEG_QUALITY,
-                bool(args.image_size),
-                name == stats_name,
-            )
-            bar = progress.add_task(name, total=len(data))
-            writer = ShardWriter(out, name, args.shard_size)
-            try:
-                tasks = (Task(c, plan, name, first) for first, c in zip(range(0, len(data), CHUNK), chunks(data)))
-                for result in imap(pool, encode_chunk, tasks):
-                    if result.skipped and args.strict:
-                        raise DataError(f"{result.skipped[0].path}: {result.skipped[0].reason} (--strict)")
-                    source.skipped += [{"path": k.path, "reason": k.reason} for k in result.skipped]
-                    view, start = memoryview(result.blob), 0
-                    for nbytes in result.sizes:
-                        writer.add(view[start : start + nbytes])
-                        start += nbytes
-                    stats.merge(result.stats)
-                    progress.advance(bar, len(result.sizes) + len(result.skipped))
-                info = writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+            data = split.take(shuffled_order(len(split), args.seed, name, args.limit))
+            quality = args.quality or DEFAULT_JPEG_QUALITY
+            until = stats_until(source, args, name, stats_name, len(data))
+            plan = Plan(size, channels, args.format, quality, bool(args.image_size), args.max_size, until)
+            info = write_split(source, args, out, pool, name, data, plan, progress, totals)
             if info.num_samples:
                 splits[name] = info
             else:
                 source.notes.append(f"split '{name}': every sample was skipped")
-    if not stats.count:
+    if stats_name not in splits:
         raise DataError(f"no samples could be written for '{stats_name}': see the skipped inputs above")
-    mean, std = stats.mean_std()
+    if not totals.stats.count:
+        raise DataError(f"every '{stats_name}' image sampled for mean/std was skipped: pass a larger --stats-sample")
+    if totals.gray_jpegs and channels == 3:
+        source.notes.append(
+            f"{totals.gray_jpegs} grayscale JPEG(s) copied as they are: they decode to RGB like the rest"
+        )
+    stats_of = splits[stats_name].num_samples
+    return build_index(source, args, size, channels, totals, {"images": totals.stats_images, "of": stats_of}, splits)
+
+
+def write_split(
+    source, args, out: Path, pool, name: str, data: Split, plan: Plan, progress, totals: Totals
+) -> SplitInfo:
+    bar = progress.add_task(name, total=len(data))
+    writer = ShardWriter(out, name, args.shard_size)
+    try:
+        tasks = (Task(c, plan, name, first) for first, c in zip(range(0, len(data), CHUNK), chunks(data)))
+        for result in imap(pool, encode_chunk, tasks):
+            if result.skipped and args.strict:
+                raise DataError(f"{result.skipped[0].path}: {result.skipped[0].reason} (--strict)")
+            source.skipped += [{"path": k.path, "reason": k.reason} for k in result.skipped]
+            view, start = memoryview(result.blob), 0
+            for nbytes in result.sizes:
+                writer.add(view[start : start + nbytes])
+                start += nbytes
+            totals.add(result)
+            progress.advance(bar, len(result.sizes) + len(result.skipped))
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def build_index(source: Source, args, size, channels: int, totals: Totals, sample: dict, splits) -> DatasetIndex:
+    mean, std = totals.stats.mean_std()
+    dims = np.concatenate(totals.dims)
+    sizes = size_stats(dims)
+    if (
+        size is None
+        and sizes["height"]["min"] == sizes["height"]["max"]
+        and sizes["width"]["min"] == sizes["width"]["max"]
+    ):
+        size = (sizes["height"]["min"], sizes["width"]["min"])  # every image turned out the same size
     return DatasetIndex(
         source=source.name,
         classes=source.classes,
@@ -626,6 +778,10 @@ def write_splits(source: Source, args, out: Path, pool, size: tuple[int, int], c
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"},
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         tool=f"resnet-dist {__version__}",
+        sizes=sizes,
+        max_size=args.max_size,
+        conversions=dict(sorted(totals.conversions.items())),
+        stats_sample={**sample, "seed": args.seed},
     )
 
 
@@ -640,12 +796,22 @@ def summarize(index: DatasetIndex, out: Path, seconds: float) -> None:
             name, f"{split.num_samples:,}", str(len(split.shards)), f"{sum(s.bytes for s in split.shards) / 1e6:.1f}"
         )
     console.print(table)
-    h, w = index.image_size
+    if index.image_size is not None:
+        geometry = f"{index.image_size[0]}x{index.image_size[1]}x{index.channels}"
+    else:
+        short = index.sizes["shorter_side"]
+        geometry = (
+            f"sizes vary (shorter side {short['min']}..{short['max']}, median {short['median']}), {index.channels}"
+        )
+        geometry += " channels"
     fmt = lambda xs: "[" + ", ".join(f"{x:.4f}" for x in xs) + "]"  # noqa: E731
+    sample = index.stats_sample
+    over = "" if sample["images"] == sample["of"] else f" (from {sample['images']:,} of {sample['of']:,} images)"
     console.print(
-        f"{h}x{w}x{index.channels} {index.format}, {index.num_classes} classes; "
-        f"mean {fmt(index.mean)} std {fmt(index.std)}"
+        f"{geometry} {index.format}, {index.num_classes} classes; mean {fmt(index.mean)} std {fmt(index.std)}{over}"
     )
+    if index.conversions:
+        console.print("converted: " + ", ".join(f"{n:,} {kind}" for kind, n in index.conversions.items()))
     console.print(f"{total:,} samples in {seconds:.1f}s ({total / max(seconds, 1e-9):,.0f} samples/s)")
     if index.skipped:
         first = index.skipped[0]
@@ -679,11 +845,12 @@ def read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             yield key, members
 
 
-def check_sample(key: str, members: dict[str, bytes], index: DatasetIndex) -> list[str]:
+def check_sample(key: str, members: dict[str, bytes], index: DatasetIndex) -> tuple[list[str], tuple[int, int] | None]:
+    """Problems with one sample, and its image's (height, width) when it decodes."""
     problems = []
     images = [s for s in members if s in ("png", "jpg", "jpeg")]
     if len(images) != 1:
-        return [f"{key}: expected one png/jpg member, found {sorted(members)}"]
+        return [f"{key}: expected one png/jpg member, found {sorted(members)}"], None
     labels = [("cls", index.num_classes)] + [(f"{k}.cls", len(v)) for k, v in index.extra_labels.items()]
     for suffix, count in labels:
         text = members.get(suffix)
@@ -697,18 +864,34 @@ def check_sample(key: str, members: dict[str, bytes], index: DatasetIndex) -> li
             continue
         if not 0 <= label < count:
             problems.append(f"{key}: {suffix} {label} outside 0..{count - 1}")
+    name = f"{key}.{images[0]}"
     try:
-        im = decode_file(members[images[0]])
-        im = im.convert("L" if index.channels == 1 else "RGB")
+        raw = decode_file(members[images[0]])
+        im = raw.convert("L" if index.channels == 1 else "RGB")
     except Exception as exc:
-        return problems + [f"{key}.{images[0]}: does not decode ({exc})"]
-    h, w = index.image_size
-    if im.size != (w, h):
-        problems.append(f"{key}.{images[0]}: {im.width}x{im.height}, index says {w}x{h}")
+        return problems + [f"{name}: does not decode ({exc})"], None
+    if len(im.getbands()) != index.channels:
+        problems.append(f"{name}: decodes to {len(im.getbands())} channels, index says {index.channels}")
+    return problems + check_geometry(name, raw, index), (im.height, im.width)
+
+
+def check_geometry(name: str, im: Image.Image, index: DatasetIndex) -> list[str]:
+    if index.image_size is not None:
+        h, w = index.image_size
+        return [] if im.size == (w, h) else [f"{name}: {im.width}x{im.height}, index says {w}x{h}"]
+    problems = []
+    if index.max_size is not None and min(im.size) > index.max_size:
+        problems.append(f"{name}: {im.width}x{im.height} has a shorter side above max_size {index.max_size}")
+    # Format 2 writers store only baseline RGB/L JPEGs (everything else is converted).
+    if im.format == "JPEG" and index.format_version >= 2:
+        if im.mode not in ("RGB", "L"):
+            problems.append(f"{name}: a {im.mode} JPEG (the packer converts those)")
+        if im.info.get("progressive") or im.info.get("progression"):
+            problems.append(f"{name}: a progressive JPEG (the packer converts those)")
     return problems
 
 
-def verify_shard(folder: Path, shard: ShardInfo, index: DatasetIndex, seen: set[str]) -> list[str]:
+def verify_shard(folder: Path, shard: ShardInfo, index: DatasetIndex, seen: set[str], dims: list) -> list[str]:
     path = folder / shard.file
     if not path.is_file():
         return [f"{shard.file}: missing"]
@@ -724,7 +907,10 @@ def verify_shard(folder: Path, shard: ShardInfo, index: DatasetIndex, seen: set[
             if key in seen:
                 sample_problems.append(f"{key}: key appears more than once")
             seen.add(key)
-            sample_problems += check_sample(key, members, index)
+            found, size = check_sample(key, members, index)
+            sample_problems += found
+            if size is not None:
+                dims.append(size)
     except (tarfile.TarError, DataError, OSError, EOFError) as exc:
         problems.append(f"{shard.file}: unreadable tar after {count} samples ({exc})")
     if count != shard.num_samples:
@@ -740,6 +926,7 @@ def verify(folder: Path) -> list[str]:
     index = load_index(folder)
     problems: list[str] = []
     seen: set[str] = set()
+    dims: list[tuple[int, int]] = []
     table = Table(title=f"verify {folder}", title_justify="left")
     for col in ("split", "samples", "shards", "problems"):
         table.add_column(col, justify="left" if col == "split" else "right")
@@ -750,13 +937,16 @@ def verify(folder: Path) -> list[str]:
             task = progress.add_task(name, total=len(split.shards))
             found = []
             for shard in split.shards:
-                found += verify_shard(folder, shard, index, seen)
+                found += verify_shard(folder, shard, index, seen, dims)
                 progress.advance(task)
             problems += found
             table.add_row(
                 name, f"{split.num_samples:,}", str(len(split.shards)), str(len(found)) if found else "[green]0[/]"
             )
     console.print(table)
+    # Only a complete read can check the recorded distribution; otherwise the problems above say why.
+    if index.sizes is not None and not problems and index.sizes != size_stats(np.array(dims).reshape(-1, 2)):
+        problems.append(f"sizes in {INDEX_NAME} differ from the images' own: {size_stats(np.array(dims))}")
     return problems
 
 
@@ -786,6 +976,34 @@ def _fraction(text: str) -> float:
     return value
 
 
+def add_image_options(p: argparse.ArgumentParser) -> None:
+    """The options that decide each stored image's size, channels and statistics."""
+    p.add_argument(
+        "--image-size",
+        type=_int_at_least(1),
+        help="resize (shorter side) + center-crop every image to N x N (default: each image keeps its own size); "
+        "synthetic: image size (default 32)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        help="convert to 1 (L) or 3 (RGB) channels (default: the source's; imagefolder: 3 unless all grayscale)",
+    )
+    p.add_argument(
+        "--max-size",
+        type=_int_at_least(1),
+        help=f"{' and '.join(RESIZABLE)}: shrink images whose shorter side is larger than N to N (Lanczos), "
+        "keeping the aspect ratio; smaller images keep their size",
+    )
+    p.add_argument(
+        "--stats-sample",
+        type=_int_at_least(0),
+        help=f"compute mean/std from N random train images, 0 = all (default: {DEFAULT_STATS_SAMPLE:,} for "
+        "image-file sources, all for the others)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m resnet_dist.shard",
@@ -796,12 +1014,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, help="where the source lives (not for synthetic)")
     p.add_argument("--out", type=Path, help="output folder (default: shards/<source>)")
     p.add_argument(
-        "--format", choices=("png", "jpeg"), default="png", help="encoding for decoded images (default png, lossless)"
+        "--format",
+        choices=("png", "jpeg"),
+        help="encoding for images this tool encodes (default png, lossless; imagenet: jpeg, as its files are)",
     )
     p.add_argument(
         "--quality",
         type=_int_at_least(1),
-        help=f"JPEG quality 1-95 with --format jpeg (default {DEFAULT_JPEG_QUALITY})",
+        help=f"JPEG quality 1-95 of images encoded as JPEG: --format jpeg, and JPEG files that must be re-encoded "
+        f"(--max-size, CMYK, progressive) (default {DEFAULT_JPEG_QUALITY})",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the write-time shuffle and of --val-fraction (default 0)"
@@ -827,17 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--strict", action="store_true", help="fail on an undecodable image instead of skipping it")
     p.add_argument("--download", action="store_true", help=f"fetch with torchvision first ({', '.join(DOWNLOADABLE)})")
-    p.add_argument(
-        "--image-size",
-        type=_int_at_least(1),
-        help="resize (shorter side) + center-crop every image to N x N; synthetic: image size (default 32)",
-    )
-    p.add_argument(
-        "--channels",
-        type=int,
-        choices=(1, 3),
-        help="convert to 1 (L) or 3 (RGB) channels (default: the source's; imagefolder: 3 unless all grayscale)",
-    )
+    add_image_options(p)
     p.add_argument("--num-classes", type=_int_at_least(1), help="synthetic: classes (default 10)")
     p.add_argument(
         "--num-samples", type=_int_at_least(1), help="synthetic: train samples (default 1000; test gets a fifth)"
@@ -848,6 +1059,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Option combinations argparse cannot express; one line each."""
     synthetic = args.source == "synthetic"
+    if args.format is None:
+        args.format = "jpeg" if args.source == "imagenet" else "png"
     if synthetic and args.root is not None:
         raise UsageError("synthetic takes no --root: it generates its images")
     if not synthetic and args.root is None:
@@ -857,8 +1070,13 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} applies to synthetic only")
     if args.download and args.source not in DOWNLOADABLE:
         raise UsageError(f"--download supports {', '.join(DOWNLOADABLE)}, not {args.source}")
-    if args.quality is not None and (args.format != "jpeg" or args.quality > 95):
-        raise UsageError("--quality takes 1..95 and only applies with --format jpeg")
+    if args.quality is not None and (args.quality > 95 or (args.format != "jpeg" and args.source not in FILE_SOURCES)):
+        raise UsageError("--quality takes 1..95 and only applies with --format jpeg or to image files")
+    if args.max_size is not None:
+        if args.source not in RESIZABLE:
+            raise UsageError(f"--max-size applies to {' and '.join(RESIZABLE)} only")
+        if args.image_size is not None:
+            raise UsageError("--max-size and --image-size exclude each other: pick one")
     if args.out is None:
         args.out = Path("shards") / args.source
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 import struct
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,6 +449,146 @@ def _non_images(folder: Path, base: Path) -> list[str]:
     return found
 
 
+# --- ImageNet (ILSVRC-2012 CLS-LOC) --------------------------------------------------------------
+
+WNID_RE = re.compile(r"^n\d{8}$")
+KAGGLE_DATA = ("ILSVRC", "Data", "CLS-LOC")  # Kaggle's layout; its LOC_* files sit beside ILSVRC/
+IMAGENET_LAYOUT = (
+    "expected ROOT/train/<wnid>/*.JPEG and ROOT/val/ (in <wnid>/ folders, or flat with LOC_val_solution.csv), "
+    "or Kaggle's ROOT/ILSVRC/Data/CLS-LOC/{train,val} with ROOT/LOC_val_solution.csv"
+)
+VAL_SOLUTION_HEADER = "ImageId,PredictionString"
+
+
+def _imagenet_folders(root: Path) -> tuple[Path, list[Path]]:
+    """(the folder holding train/ and val/, the folders that may hold the LOC_* files)."""
+    data = next((d for d in (root, root.joinpath(*KAGGLE_DATA)) if (d / "train").is_dir()), None)
+    if data is None:
+        raise UsageError(f"imagenet: {root} is not ILSVRC-2012: {IMAGENET_LAYOUT}")
+    look = [data]
+    if data.parts[-3:] == KAGGLE_DATA:
+        look.append(data.parents[2])
+    return data, look
+
+
+def _first_file(folders: list[Path], name: str) -> Path | None:
+    return next((f / name for f in folders if (f / name).is_file()), None)
+
+
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _imagenet_class_names(wnids: list[str], mapping: Path | None) -> list[str]:
+    """The first name of each wnid in LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca" -> "tench")."""
+    if mapping is None:
+        return list(wnids)
+    words = {}
+    for n, line in enumerate(_read_lines(mapping), 1):
+        wnid, _, text = line.partition(" ")
+        if not WNID_RE.match(wnid) or not text.strip():
+            raise DataError(f"{mapping}:{n}: expected '<wnid> <names>', e.g. 'n01440764 tench, Tinca tinca'")
+        words[wnid] = text.split(",")[0].strip()
+    missing = [w for w in wnids if w not in words]
+    if missing:
+        raise DataError(f"{mapping}: no line for {len(missing)} train wnid(s), e.g. {missing[0]}")
+    names = [words[w] for w in wnids]
+    counts = Counter(names)
+    # ImageNet names two classes "crane" (bird, machine) and two "maillot": reports must tell them apart.
+    return [f"{name} ({w})" if counts[name] > 1 else name for name, w in zip(names, wnids)]
+
+
+def _read_val_solution(path: Path, label_of: dict[str, int]) -> dict[str, int]:
+    """ImageId -> label from LOC_val_solution.csv: the first wnid of each row's PredictionString."""
+    lines = _read_lines(path)
+    if not lines or lines[0].lstrip("\ufeff").strip() != VAL_SOLUTION_HEADER:
+        raise DataError(f"{path}: expected the header '{VAL_SOLUTION_HEADER}'")
+    labels: dict[str, int] = {}
+    for n, line in enumerate(lines[1:], 2):
+        image_id, _, prediction = line.partition(",")
+        words = prediction.split()
+        if not image_id or not words or not WNID_RE.match(words[0]):
+            raise DataError(f"{path}:{n}: expected 'ImageId,<wnid> x_min y_min x_max y_max ...'")
+        if words[0] not in label_of:
+            raise DataError(f"{path}:{n}: wnid {words[0]} is not a class in train/")
+        if image_id in labels:
+            raise DataError(f"{path}:{n}: {image_id} is listed twice")
+        labels[image_id] = label_of[words[0]]
+    return labels
+
+
+def _imagenet_val_folders(data: Path, label_of: dict[str, int]) -> Split:
+    files, labels = [], []
+    for wnid in _subfolders(data / "val"):
+        if wnid not in label_of:
+            raise DataError(f"{data / 'val' / wnid}: wnid {wnid} is not a class in train/")
+        found = _image_files(data / "val" / wnid, data)
+        files += found
+        labels += [label_of[wnid]] * len(found)
+    return Split(labels=np.array(labels, dtype=np.int64), files=tuple(files), root=data)
+
+
+def _imagenet_val_flat(data: Path, look: list[Path], label_of: dict[str, int], source: Source) -> Split:
+    csv = _first_file(look, "LOC_val_solution.csv")
+    if csv is None:
+        where = " or ".join(str(f) for f in look)
+        raise UsageError(f"imagenet: {data / 'val'} holds images directly: it needs LOC_val_solution.csv in {where}")
+    listed = _read_val_solution(csv, label_of)
+    present = {Path(f).stem: f for f in _image_files(data / "val", data)}
+    unlisted = sorted(set(present) - set(listed))
+    if unlisted:
+        # Not a skip: a solution file that does not cover the images is the wrong file for them.
+        raise DataError(
+            f"{csv}: no row for {present[unlisted[0]]} ({len(unlisted)} of {len(present)} val images have none)"
+        )
+    for image_id in sorted(set(listed) - set(present)):
+        source.skipped.append({"path": f"val/{image_id}.JPEG", "reason": "listed in LOC_val_solution.csv but missing"})
+    ids = sorted(present)
+    return Split(
+        labels=np.array([listed[i] for i in ids], dtype=np.int64), files=tuple(present[i] for i in ids), root=data
+    )
+
+
+def read_imagenet(root: Path) -> Source:
+    data, look = _imagenet_folders(root)
+    wnids = _subfolders(data / "train")
+    odd = [w for w in wnids if not WNID_RE.match(w)]
+    if odd or not wnids:
+        raise UsageError(
+            f"imagenet: {data / 'train'} must hold one <wnid>/ folder per class (e.g. n01440764/), "
+            f"found {odd[0] if odd else 'none'}"
+        )
+    # Sorted wnids: the standard ILSVRC-2012 class indices, and torchvision ImageFolder's order.
+    label_of = {w: i for i, w in enumerate(wnids)}
+    source = Source(
+        name="imagenet",
+        classes=_imagenet_class_names(wnids, _first_file(look, "LOC_synset_mapping.txt")),
+        splits={},
+        channels=3,  # its grayscale and CMYK JPEGs become RGB like the rest
+    )
+    files, labels = [], []
+    for wnid in wnids:
+        found = _image_files(data / "train" / wnid, data)
+        files += found
+        labels += [label_of[wnid]] * len(found)
+    source.splits["train"] = Split(labels=np.array(labels, dtype=np.int64), files=tuple(files), root=data)
+    val = data / "val"
+    if not val.is_dir():
+        source.notes.append("no val/ folder: train only")
+    elif _subfolders(val):
+        if any(f.is_file() and not f.name.startswith(".") for f in val.iterdir()):
+            raise UsageError(f"imagenet: {val} holds both <wnid>/ folders and loose images: use one layout")
+        source.splits["val"] = _imagenet_val_folders(data, label_of)
+    elif _image_files(val, val):
+        source.splits["val"] = _imagenet_val_flat(data, look, label_of, source)
+    else:
+        source.notes.append("val/ is empty: train only")
+    if (data / "test").is_dir():
+        count = len(_image_files(data / "test", data))
+        source.notes.append(f"test/ has no labels: skipped ({count} images)")
+    return source
+
+
 # --- synthetic ------------------------------------------------------------------------------------
 
 
@@ -490,5 +632,6 @@ READERS: dict[str, Callable[[Path], Source]] = {
     "fashion-mnist": read_fashion_mnist,
     "tiny-imagenet": read_tiny_imagenet,
     "imagefolder": read_imagefolder,
+    "imagenet": read_imagenet,
 }
 SOURCES = (*READERS, "synthetic")

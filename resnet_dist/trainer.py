@@ -17,11 +17,13 @@ from accelerate.utils import gather_object
 from resnet_dist.augment import BatchAugment
 from resnet_dist.checkpoint import find_checkpoint
 from resnet_dist.config import TrainConfig, parse_args
+from resnet_dist.crops import eval_crop_spec, train_crop_spec, train_res
 from resnet_dist.data import ShardStream, make_loader
 from resnet_dist.distributed import convert_sync_batchnorm, end_run
 from resnet_dist.engine import Step, bare, evaluate, make_accelerator, precision_override, seed_step, train_step
 from resnet_dist.errors import Interrupted, TrainingError, UsageError
 from resnet_dist.filesafe import write_json_atomic
+from resnet_dist.gpu_decode import batch_to_device
 from resnet_dist.guard import Diverged, StepGuard, StopRequest, is_collective_timeout, name_silent_ranks
 from resnet_dist.models import build_model, count_parameters
 from resnet_dist.optim import build_optimizer, build_scheduler
@@ -39,15 +41,31 @@ def pick_splits(cfg: TrainConfig, splits: dict) -> tuple[str | None, list[str]]:
     return (evals[0] if evals else None), evals
 
 
-def check_fits(cfg: TrainConfig, index, world_size: int) -> None:
-    h, w = index.image_size
-    if cfg.crop_padding >= min(h, w):
-        raise UsageError(f"--crop-padding {cfg.crop_padding} makes no sense for {h}x{w} images")
+def check_fits(cfg: TrainConfig, index, world_size: int, device: str) -> None:
+    check_crop_fits(cfg, index, device)
     steps = index.splits["train"].num_samples // (cfg.batch_size * world_size * cfg.grad_accum)
     if steps == 0:
         raise UsageError(
             f"global batch {cfg.batch_size}x{world_size}x{cfg.grad_accum} is larger than the "
             f"{index.splits['train'].num_samples} train samples: lower --batch-size or --grad-accum"
+        )
+
+
+def check_crop_fits(cfg: TrainConfig, index, device: str) -> None:
+    """The crop options against the shards and the device: one line naming the fix."""
+    if index.image_size is None and cfg.train_crop == "pad":
+        raise UsageError(
+            f"{cfg.data} holds images of varying sizes; --train-crop pad needs one size: "
+            f"use --train-crop rrc --res N (or center)"
+        )
+    if index.image_size is None and cfg.train_crop != "pad" and not (cfg.res or cfg.res_schedule):
+        raise UsageError(f"{cfg.data} holds images of varying sizes: --train-crop {cfg.train_crop} needs --res N")
+    if cfg.train_crop == "pad" and cfg.crop_padding >= min(index.image_size):
+        h, w = index.image_size
+        raise UsageError(f"--crop-padding {cfg.crop_padding} makes no sense for {h}x{w} images")
+    if cfg.decode == "gpu" and device != "cuda":
+        raise UsageError(
+            f"--decode gpu decodes with nvJPEG on a CUDA device; this run is on {device}: use --decode cpu"
         )
 
 
@@ -86,12 +104,12 @@ def setup(cfg: TrainConfig) -> Run:
     index = read_index(cfg.data)
     val_split, eval_splits = pick_splits(cfg, index.splits)
     check_shards(cfg.data, index, ["train", *eval_splits])
-    check_fits(cfg, index, accelerator.num_processes)
+    check_fits(cfg, index, accelerator.num_processes, accelerator.device.type)
     check_writable(run_dir)
     last = find_checkpoint(run_dir / "checkpoints" / "last")  # a run folder with a checkpoint is resumed
     model, optimizer = build(cfg, index, accelerator)
     common = dict(batch_size=cfg.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes)
-    common = common | {"strict": cfg.strict_data}
+    common = common | {"strict": cfg.strict_data, "decode": cfg.decode}
     train = ShardStream(
         cfg.data,
         index,
@@ -100,15 +118,15 @@ def setup(cfg: TrainConfig) -> Run:
         seed=cfg.seed,
         grad_accum=cfg.grad_accum,
         shuffle_block=cfg.shuffle_block,
+        crop=train_crop_spec(cfg, index.image_size),
         **common,
     )
-    evals = {s: ShardStream(cfg.data, index, s, train=False, **common) for s in eval_splits}
+    crop = eval_crop_spec(cfg, index.image_size)
+    evals = {s: ShardStream(cfg.data, index, s, train=False, crop=crop, **common) for s in eval_splits}
     steps_per_epoch = train.num_batches // cfg.grad_accum
     scheduler = build_scheduler(cfg, optimizer, cfg.epochs * steps_per_epoch, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
-    augment = BatchAugment(
-        index.mean, index.std, accelerator.device, cfg.crop_padding, cfg.flip, cfg.channels_last, cfg.random_erase
-    )
+    augment = make_augment(cfg, index, accelerator.device)
     guard = StepGuard(accelerator, StopRequest(), cfg.max_bad_steps)
     step = Step(accelerator, model, optimizer, scheduler, augment, guard, cfg.label_smoothing)
     run = Run(cfg, step, index, train, evals, Reporter(accelerator.is_main_process), run_dir, val_split)
@@ -117,6 +135,20 @@ def setup(cfg: TrainConfig) -> Run:
     else:
         run.wandb_id = uuid.uuid4().hex[:12]
     return run
+
+
+def make_augment(cfg: TrainConfig, index, device: torch.device) -> BatchAugment:
+    """The device's share of augmentation: all of pad + crop + flip, or (crops made by the workers) none."""
+    pad = cfg.train_crop == "pad"
+    return BatchAugment(
+        index.mean,
+        index.std,
+        device,
+        cfg.crop_padding if pad else 0,
+        cfg.flip and pad,
+        cfg.channels_last,
+        cfg.random_erase,
+    )
 
 
 def check_writable(run_dir: Path) -> None:
@@ -134,7 +166,7 @@ def train_one_epoch(run: Run) -> dict:
     """Train from micro-batch `run.batch` to the end of `run.epoch` (or until --max-steps)."""
     acc, cfg = run.step.accelerator, run.cfg
     run.step.model.train()
-    run.train.set_epoch(run.epoch, run.batch)
+    run.train.set_epoch(run.epoch, run.batch, train_res(cfg, run.index.image_size, run.epoch))
     loader = make_loader(run.train, cfg.num_workers, pin_memory=acc.device.type == "cuda")
     generator = torch.Generator()
     meter, window = Meter(), Meter()
@@ -147,10 +179,9 @@ def train_one_epoch(run: Run) -> dict:
         while run.batch < run.train.num_batches and not run_is_done(run) and not run.step.guard.stop_requested:
             t0 = time.perf_counter()
             images, labels, lost, problems = next(it)
-            run.lost_train += lost
-            run.problems += problems
-            images = images.to(acc.device, non_blocking=True)
-            labels = labels.to(acc.device, non_blocking=True)
+            images, labels, gpu_lost, gpu_problems = batch_to_device(images, labels, acc.device, True, cfg.strict_data)
+            run.lost_train += lost + gpu_lost
+            run.problems += problems + gpu_problems
             wait = time.perf_counter() - t0
             meter.add_wait(wait)
             window.add_wait(wait)
@@ -378,6 +409,8 @@ def announce(run: Run) -> None:
     )
     if cfg.recipe:
         run.reporter.line(f"recipe {cfg.recipe}: {RECIPES[cfg.recipe].summary}")
+    if cfg.train_crop != "pad":
+        run.reporter.line(crop_line(cfg, run))
     if cfg.scale_lr == "linear":
         run.reporter.line(
             f"lr scaled linearly to {cfg.lr:g}: tuned for a global batch of {cfg.tuned_global_batch}, "
@@ -390,6 +423,23 @@ def announce(run: Run) -> None:
             "note: the shards have no val split, so test picks the best checkpoint; "
             "pack with --val-fraction to keep test unseen"
         )
+
+
+def crop_line(cfg: TrainConfig, run: Run) -> str:
+    """What the loader workers do to each image, and at which resolution per epoch."""
+    sizes = [train_res(cfg, run.index.image_size, e) for e in range(cfg.epochs)]
+    res = f"{sizes[0]} px" if len(set(sizes)) == 1 else f"{'/'.join(map(str, sizes))} px by epoch"
+    what = (
+        f"RandomResizedCrop (area {cfg.rrc_scale}, aspect {cfg.rrc_ratio})"
+        if cfg.train_crop == "rrc"
+        else "centre crop"
+    )
+    evals = next(iter(run.evals.values()), None)
+    at = (
+        f"; eval: shorter side to {round(evals.crop.res / cfg.crop_ratio)}, centre {evals.crop.res} px" if evals else ""
+    )
+    flip = " + flip" if cfg.flip else ""
+    return f"crops in the loader workers ({cfg.decode} decode): {what}{flip} to {res}{at}"
 
 
 def finish(run: Run, wall: float) -> dict:

@@ -68,6 +68,7 @@ class Truth:
     labels: dict[str, list[int]] = field(default_factory=dict)
     coarse: dict[str, list[int]] = field(default_factory=dict)
     paths: dict[str, list[str]] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)  # path -> the odd kind of file it is, where that matters
 
 
 def make_cifar10(root: Path, per_batch: int = 6, test: int = 8, seed: int = 0) -> Truth:
@@ -259,4 +260,120 @@ def make_imagefolder(root: Path, size=(20, 12), seed: int = 0, odd_size: tuple[i
     (root / "train" / "dog" / "broken.jpg").write_bytes(good[: len(good) // 2])  # truncated
     (root / "train" / "cat" / "notes.txt").write_text("not an image\n")
     (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    return truth
+
+
+# --- ImageNet (ILSVRC-2012 CLS-LOC) ---------------------------------------------------------------
+
+# Real lines of LOC_synset_mapping.txt. ImageNet names two classes "crane" (the bird, the machine).
+IMAGENET_WORDS = {
+    "n01440764": "tench, Tinca tinca",
+    "n01443537": "goldfish, Carassius auratus",
+    "n02012849": "crane",
+    "n03126707": "crane",
+}
+# The real file lists all 1000 classes; a subset's train/ has fewer.
+IMAGENET_UNUSED_WORDS = {
+    "n01484850": "great white shark, white shark, man-eater, man-eating shark, Carcharodon carcharias",
+    "n15075141": "toilet tissue, toilet paper, bathroom tissue",
+}
+# The odd files real ImageNet has in train/: 22 CMYK JPEGs, grayscale JPEGs, a PNG under a .JPEG name
+# (n02105855_2933.JPEG); and a progressive JPEG, which some re-distributions contain.
+IMAGENET_ODD = {
+    "n01440764_9001.JPEG": "cmyk_jpeg",
+    "n01443537_9002.JPEG": "grayscale_jpeg",
+    "n02012849_9003.JPEG": "png_named_jpeg",
+    "n03126707_9004.JPEG": "progressive_jpeg",
+}
+
+
+def photo_like(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """An RGB image of PIL size (width, height) with smooth structure and mild noise, like a photo: its
+    JPEG is small and a resize of it is a meaningful comparison (pure noise is neither)."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    freq, phase = rng.uniform(2, 9, 3), rng.uniform(0, 6.3, 3)
+    planes = [np.sin(freq[c] * (x + y * (c + 1) / 3) * np.pi + phase[c]) for c in range(3)]
+    image = 128 + 90 * np.stack(planes, -1) + rng.normal(0, 3, (h, w, 3))
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
+
+
+def imagenet_file(rng: np.random.Generator, kind: str, size: tuple[int, int]) -> bytes:
+    im = photo_like(rng, size)
+    buf = io.BytesIO()
+    if kind == "cmyk_jpeg":
+        im.convert("CMYK").save(buf, "JPEG", quality=90)
+    elif kind == "grayscale_jpeg":
+        im.convert("L").save(buf, "JPEG", quality=90)
+    elif kind == "png_named_jpeg":
+        im.save(buf, "PNG")
+    elif kind == "progressive_jpeg":
+        im.save(buf, "JPEG", quality=90, progressive=True)
+    else:
+        im.save(buf, "JPEG", quality=int(rng.integers(75, 96)))
+    return buf.getvalue()
+
+
+def val_solution_row(image_id: str, wnid: str, rng: np.random.Generator) -> str:
+    """A LOC_val_solution.csv row: every box repeats the image's wnid; the real rows end in a space."""
+    boxes = " ".join(f"{wnid} {' '.join(str(v) for v in rng.integers(0, 300, 4))}" for _ in range(rng.integers(1, 3)))
+    return f"{image_id},{boxes} "
+
+
+def make_imagenet(
+    root: Path,
+    kaggle: bool = False,
+    val_layout: str = "folders",
+    mapping: bool = True,
+    per_class: int = 3,
+    val_per_class: int = 2,
+    sides: tuple[int, int] = (40, 120),
+    seed: int = 0,
+) -> Truth:
+    """ILSVRC-2012 as people have it: ROOT/{train,val,test}/ (val in <wnid>/ folders, as torchvision and
+    the valprep.sh script leave it, or flat) with LOC_* files beside them; or, with `kaggle`, Kaggle's
+    ROOT/ILSVRC/Data/CLS-LOC/{train,val,test}/ with ROOT/LOC_*. Images of random sizes, sides in `sides`.
+
+    Truth.paths are relative to the folder holding train/; `kinds` maps a path to its odd kind.
+    """
+    rng = np.random.default_rng(seed)
+    data = root.joinpath("ILSVRC", "Data", "CLS-LOC") if kaggle else root
+    wnids = sorted(IMAGENET_WORDS)
+    truth = Truth([IMAGENET_WORDS[w].split(",")[0] for w in wnids], paths={})
+
+    def add(split: str, rel: str, label: int, kind: str = "jpeg") -> None:
+        size = tuple(int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
+        payload = imagenet_file(rng, kind, size)
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes(payload)
+        truth.images.setdefault(split, []).append(payload)
+        truth.labels.setdefault(split, []).append(label)
+        truth.paths.setdefault(split, []).append(rel)
+        truth.kinds[rel] = kind
+
+    for label, wnid in enumerate(wnids):
+        for i in range(per_class):
+            add("train", f"train/{wnid}/{wnid}_{1000 + i}.JPEG", label)
+        for name, kind in IMAGENET_ODD.items():
+            if name.startswith(wnid):
+                add("train", f"train/{wnid}/{name}", label, kind)
+    rows = []
+    for n in range(val_per_class * len(wnids)):
+        image_id, label = f"ILSVRC2012_val_{n + 1:08d}", int(rng.integers(0, len(wnids)))
+        add("val", f"val/{wnids[label]}/{image_id}.JPEG" if val_layout == "folders" else f"val/{image_id}.JPEG", label)
+        rows.append(val_solution_row(image_id, wnids[label], rng))
+    for n in range(2):
+        path = data / "test" / f"ILSVRC2012_test_{n + 1:08d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(imagenet_file(rng, "jpeg", (64, 48)))
+    loc = root  # beside train/ or, in Kaggle's layout, beside ILSVRC/
+    if mapping:
+        lines = {**IMAGENET_WORDS, **IMAGENET_UNUSED_WORDS}
+        (loc / "LOC_synset_mapping.txt").write_text("".join(f"{w} {t}\n" for w, t in sorted(lines.items())))
+    if val_layout == "flat":
+        rng.shuffle(rows)  # the real file is not in ImageId order
+        (loc / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    if kaggle:
+        (loc / "LOC_sample_submission.csv").write_text("ImageId,PredictionString\nILSVRC2012_test_00000001,\n")
+        (loc / "LOC_train_solution.csv").write_text(f"ImageId,PredictionString\n{wnids[0]}_1000,{wnids[0]} 1 2 3 4 \n")
     return truth

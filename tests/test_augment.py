@@ -98,3 +98,14 @@ def test_random_erase_is_seeded_keeps_the_layout_and_only_runs_in_train():
     assert erased.float().mean() > 0.9  # p=1: all but the rare image where no draw fits
     assert torch.equal(erasing.eval(images), plain.eval(images))
     assert torch.equal(plain.train(images, torch.Generator().manual_seed(3)), plain.eval(images))
+
+
+def test_cpu_transforms_run_with_their_own_thread_count_and_restore_torchs():
+    images = torch.randint(0, 256, (16, 12, 10, 3), dtype=torch.uint8)
+    before = torch.get_num_threads()
+    one = BatchAugment([0.5], [0.25], torch.device("cpu"), padding=2, cpu_threads=1)
+    default = BatchAugment([0.5], [0.25], torch.device("cpu"), padding=2, cpu_threads=0)
+    a = one.train(images, torch.Generator().manual_seed(3))
+    b = default.train(images, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and torch.equal(one.eval(images), default.eval(images))
+    assert torch.get_num_threads() == before

@@ -152,3 +152,20 @@ def test_the_bench_is_a_leaf_nothing_in_the_package_or_launch_imports_it():
     assert len(package) >= 10 and ROOT / "launch" / "time_to_accuracy.py" in modules  # the scan sees the code
     imports = [i for p in modules for i in bench_imports(p.read_text(), str(p.relative_to(ROOT)))]
     assert imports == [], "the bench is a leaf: import what it shares from the package instead"
+
+
+def test_loader_suite_times_the_photo224_case_against_torchvisions_reference(tmp_path):
+    """Real photographs of varying size: train and eval rows, per core and through the DataLoader."""
+    args = ["--kinds", "photo224", "--samples", "64", "--batch-size", "8", "--workers", "1", *TINY]
+    rows = check_report(report(tmp_path, "loader", *args), "loader")
+    cases = {(r["case"], r["baseline_name"].split(":")[0].split(" ")[0]) for r in rows}
+    for where in ("per core", "1 worker"):
+        assert {(f"photo224 {where}, train", "torchvision"), (f"photo224 {where}, train", "WebDataset")} <= cases
+        assert (f"photo224 {where}, eval", "torchvision") in cases
+
+
+def test_step_suite_shows_the_batch_augmentation_thread_setting(tmp_path):
+    rows = check_report(report(tmp_path, "step", *TINY_MODEL, "--step-size", "16", *TINY), "step")
+    threads = [r for r in rows if r["case"].startswith("batch augmentation on the CPU")]
+    assert len(threads) == 1 and "default" in threads[0]["baseline_name"]
+    assert set(threads[0]["extra"]["ms_per_batch"]) == {"one", "default"}

@@ -13,7 +13,7 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # Distribution name -> the module it provides, where the two differ.
-MODULE = {"pillow": "PIL"}
+MODULE = {"pillow": "PIL", "scikit-image": "skimage"}
 
 
 def imported_modules(bench: bool) -> set[str]:

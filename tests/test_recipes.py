@@ -9,6 +9,7 @@ import sys
 import pytest
 from helpers import ROOT, TRAIN, read_json, run_env, shard, train
 
+from resnet_dist.bench.photos import photo_jpegs, write_imagefolder
 from resnet_dist.config import TrainConfig, parse_args
 from resnet_dist.errors import UsageError
 from resnet_dist.recipes import RECIPES
@@ -21,6 +22,8 @@ SHAPES = {  # recipe -> (classes, size, channels) of the dataset it was made for
     "fashion-mnist-demo": (10, 28, 1),
     "fashion-mnist-15min": (10, 28, 1),
     "fashion-mnist-resnet18": (10, 28, 1),
+    "imagenet-resnet50": (10, 0, 3),  # size 0: photographs of varying size, as ImageNet's
+    "imagenet-resnet18": (10, 0, 3),
 }
 
 
@@ -53,6 +56,38 @@ def test_reference_settings_are_the_notebooks():
     assert (adam.stem, adam.optimizer, adam.lr, adam.epochs) == ("imagenet", "adam", 1e-3, 10)
 
 
+def test_imagenet_recipes_are_the_published_setups():
+    """torchvision's reference ResNet-50 (76.13%) and FFCV's rn18_16_epochs config (66.9%), as published."""
+    tv = TrainConfig(**RECIPES["imagenet-resnet50"].settings)
+    assert (tv.model, tv.lr, tv.momentum, tv.weight_decay, tv.schedule, tv.lr_step_epochs, tv.epochs) == (
+        "resnet50",
+        0.1,
+        0.9,
+        1e-4,
+        "step",
+        30,
+        90,
+    )
+    assert (tv.batch_size * 8, tv.train_crop, tv.res, tv.eval_res, tv.crop_ratio) == (256, "rrc", 224, 224, 0.875)
+    assert "76.13%" in RECIPES["imagenet-resnet50"].summary
+    ffcv = TrainConfig(**RECIPES["imagenet-resnet18"].settings)
+    assert (ffcv.lr, ffcv.weight_decay, ffcv.label_smoothing, ffcv.batch_size, ffcv.epochs) == (
+        0.5,
+        5e-5,
+        0.1,
+        1024,
+        16,
+    )
+    assert (ffcv.res_schedule, ffcv.eval_res, ffcv.eval_tta, ffcv.schedule, ffcv.warmup_epochs) == (
+        "160:192:11-13",
+        256,
+        "flip",
+        "triangle",
+        2.0,
+    )
+    assert "66.9% top-1" in RECIPES["imagenet-resnet18"].summary
+
+
 def test_print_config_needs_no_data_and_prints_json():
     result = subprocess.run(
         [sys.executable, str(TRAIN), "--recipe", "cifar10-resnet18", "--print-config"],
@@ -78,6 +113,12 @@ def shaped(tmp_path_factory):
     made = {}
     for classes, size, channels in set(SHAPES.values()):
         out = tmp_path_factory.mktemp("shape") / f"c{classes}-s{size}-ch{channels}"
+        if size == 0:
+            tree = write_imagefolder(photo_jpegs(120, seed=5), out.parent / "tree")
+            result = shard("imagefolder", "--root", str(tree), "--out", str(out), "--val-fraction", "0.5")
+            assert result.returncode == 0, result.stderr
+            made[(classes, size, channels)] = out
+            continue
         result = shard(
             "synthetic",
             "--out",

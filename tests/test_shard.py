@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fabricate  # noqa: E402
 
 from resnet_dist import shard  # noqa: E402
-from resnet_dist.errors import DataError, UsageError  # noqa: E402
+from resnet_dist.errors import DataError  # noqa: E402
 from resnet_dist.index import load_index  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,8 +83,8 @@ def label(members: dict[str, bytes], suffix: str = "cls") -> int:
 
 def numpy_mean_std(out: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     index = load_index(out)
-    images = np.stack([pixels(image_of(m)[1], index.channels) for _, m in read_split(out, split)])
-    flat = images.reshape(-1, index.channels).astype(np.float64) / 255
+    images = [pixels(image_of(m)[1], index.channels) for _, m in read_split(out, split)]
+    flat = np.concatenate([im.reshape(-1, index.channels) for im in images]).astype(np.float64) / 255
     return flat.mean(0), flat.std(0)
 
 
@@ -211,9 +211,19 @@ def test_messy_imagefolder(tmp_path):
         for rel, data, lab in zip(truth.paths[split], truth.images[split], truth.labels[split]):
             if rel.endswith(".bmp"):  # not PNG/JPEG: re-encoded, losslessly, to PNG
                 assert by_pixels[pixels(data, 3).tobytes()] == lab
-            else:  # PNG/JPEG in any mode: the file itself, untouched
+            elif rel == "train/dog/f.jpg":  # CMYK: converted to an RGB JPEG, lossy stays lossy
+                assert data not in by_payload
+                (converted,) = [m for _, m in got if "jpg" in m and m["jpg"] not in truth.images[split]]
+                assert label(converted) == lab and Image.open(io.BytesIO(converted["jpg"])).mode == "RGB"
+                # the same picture through one JPEG round trip (pure noise: only its averages survive)
+                got_mean, want_mean = pixels(converted["jpg"], 3).mean((0, 1)), pixels(data, 3).mean((0, 1))
+                assert np.abs(got_mean - want_mean).max() < 3, (got_mean, want_mean)
+            else:  # PNG, and baseline RGB/L JPEG: the file itself, untouched
                 ext, lab_got = by_payload[data]
                 assert lab_got == lab and ext == ("jpg" if rel.endswith(("jpg", "jpeg")) else "png")
+    assert index.conversions == {"cmyk_jpeg": 1, "other_format": 1}
+    assert any(n.startswith("1 grayscale JPEG(s) copied as they are") for n in index.notes)  # g.jpeg
+    assert index.stats_sample == {"images": 10, "of": 10, "seed": 0}  # every train image: exact
     assert_stats_match_numpy(out)
     assert shard.verify(out) == []
 
@@ -226,17 +236,83 @@ def test_imagefolder_strict_fails_on_the_truncated_file(tmp_path):
 
 
 def test_imagefolder_differing_sizes(tmp_path):
-    fabricate.make_imagefolder(tmp_path / "src", odd_size=(30, 25))
+    truth = fabricate.make_imagefolder(tmp_path / "src", odd_size=(30, 25))
     out = tmp_path / "out"
-    with pytest.raises(UsageError, match=r"differ in size \(.* is 20x12, train/emu/i.png is 30x25\).*--image-size"):
-        pack("imagefolder", "--root", tmp_path / "src", "--out", out)
-    pack("imagefolder", "--root", tmp_path / "src", "--out", out, "--image-size", "10", "--channels", "1")
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out)
+    index = load_index(out)
+    assert index.image_size is None  # each image keeps its own size
+    assert index.sizes == {
+        "height": {"min": 12, "median": 12, "max": 25},
+        "width": {"min": 20, "median": 20, "max": 30},
+        "shorter_side": {"min": 12, "median": 12, "max": 25},
+        "longer_side": {"min": 20, "median": 20, "max": 30},
+    }
+    (odd,) = [m for _, m in read_split(out, "train") if pixels(image_of(m)[1], 3).shape[:2] == (25, 30)]
+    assert image_of(odd) == ("png", truth.images["train"][truth.paths["train"].index("train/emu/i.png")])
+    assert shard.verify(out) == []
+    assert_stats_match_numpy(out)
+    # --max-size 16: only the 30x25 PNG is above it; it shrinks to 19x16 and, being lossless, stays PNG
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out, "--max-size", "16", "--overwrite")
+    index = load_index(out)
+    assert index.max_size == 16 and index.conversions == {"cmyk_jpeg": 1, "other_format": 1, "resized": 1}
+    assert index.sizes["longer_side"] == {"min": 19, "median": 20, "max": 20}
+    (odd,) = [m for _, m in read_split(out, "train") if pixels(image_of(m)[1], 3).shape[:2] == (16, 19)]
+    assert image_of(odd)[0] == "png" and label(odd) == 2
+    assert index.image_size is None and shard.verify(out) == []
+    pack(
+        "imagefolder", "--root", tmp_path / "src", "--out", out, "--image-size", "10", "--channels", "1", "--overwrite"
+    )
     index = load_index(out)
     assert index.image_size == (10, 10) and index.channels == 1
     for _, members in read_split(out, "train"):
         assert pixels(image_of(members)[1], 1).shape == (10, 10)
     assert shard.verify(out) == []
     assert_stats_match_numpy(out)
+
+
+def test_stats_sample_is_a_seeded_prefix_of_the_shuffle(tmp_path):
+    fabricate.make_imagefolder(tmp_path / "src", odd_size=(30, 25))
+    out = tmp_path / "out"
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out, "--stats-sample", "4", "--seed", "5")
+    index = load_index(out)
+    # the first 4 shuffled positions, less any that were skipped (the truncated JPEG)
+    sampled = [m for k, m in read_split(out, "train") if int(k.split("_")[1]) < 4]
+    assert index.stats_sample == {"images": len(sampled), "of": 10, "seed": 5} and len(sampled) >= 3
+    flat = np.concatenate([pixels(image_of(m)[1], 3).reshape(-1, 3) for m in sampled]) / 255
+    np.testing.assert_allclose(index.mean, flat.mean(0), atol=1e-6)
+    np.testing.assert_allclose(index.std, flat.std(0), atol=1e-6)
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out, "--stats-sample", "0", "--overwrite")
+    assert load_index(out).stats_sample == {"images": 10, "of": 10, "seed": 0}  # 0: all of them
+    assert_stats_match_numpy(out)
+
+
+def test_verify_checks_variable_sizes_against_the_index(tmp_path):
+    fabricate.make_imagefolder(tmp_path / "src", odd_size=(30, 25))
+    out = tmp_path / "out"
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out)
+    assert shard.verify(out) == []
+    obj = json.loads((out / "index.json").read_text())
+    obj["sizes"]["longer_side"]["max"] = 31  # a distribution the images do not have
+    (out / "index.json").write_text(json.dumps(obj))
+    (problem,) = shard.verify(out)
+    assert problem.startswith("sizes in index.json differ from the images' own") and "'max': 30" in problem
+
+
+def test_tiny_jpegs_are_copied_too(tmp_path):
+    """Copied JPEGs outside the stats sample are checked by a 1/8-scale decode: a 1x1 image must pass it."""
+    sizes, rng = [(1, 1), (7, 5), (9, 3), (3, 17)], np.random.default_rng(0)
+    files = {}
+    for i, size in enumerate(sizes):
+        files[f"train/a/{i}.jpg"] = fabricate.encode(fabricate.noise_image(rng, "RGB", size), "JPEG")
+    for rel, data in files.items():
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / rel).write_bytes(data)
+    out = tmp_path / "out"
+    pack("imagefolder", "--root", tmp_path / "src", "--out", out, "--stats-sample", "1")
+    index = load_index(out)
+    assert index.skipped == [] and index.conversions == {} and index.stats_sample["images"] == 1
+    assert sorted(image_of(m)[1] for _, m in read_split(out, "train")) == sorted(files.values())
+    assert shard.verify(out) == []
 
 
 def test_all_grayscale_imagefolder_gets_one_channel(tmp_path):
@@ -272,6 +348,114 @@ def test_synthetic_jpeg(tmp_path):
     assert {image_of(m)[0] for _, m in read_split(out, "train")} == {"jpg"}
     assert_stats_match_numpy(out)  # of the decoded JPEGs, not of the pixels before the loss
     assert shard.verify(out) == []
+
+
+# --- ImageNet: variable sizes, odd files, --max-size -----------------------------------------------
+
+
+def lower_median_stats(sizes: list[tuple[int, int]]) -> dict:
+    """The index's `sizes`, computed here from (height, width) pairs."""
+    columns = {
+        "height": [h for h, _ in sizes],
+        "width": [w for _, w in sizes],
+        "shorter_side": [min(s) for s in sizes],
+        "longer_side": [max(s) for s in sizes],
+    }
+    return {k: {"min": min(v), "median": sorted(v)[(len(v) - 1) // 2], "max": max(v)} for k, v in columns.items()}
+
+
+def decoded_rgb(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def match_converted(members: dict, truth: fabricate.Truth, split: str, max_size: int | None = None) -> str:
+    """The truth path a converted member came from: same label, same (or shrunk) size, closest pixels."""
+    got = decoded_rgb(image_of(members)[1])
+    best = None
+    for rel, data, lab in zip(truth.paths[split], truth.images[split], truth.labels[split]):
+        want = decoded_rgb(data)
+        if max_size and min(want.size) > max_size:
+            want = want.resize(shard.shrunk(*want.size, max_size), Image.Resampling.LANCZOS)
+        if lab == label(members) and want.size == got.size:
+            diff = np.abs(np.asarray(got, dtype=int) - np.asarray(want)).mean()
+            best = min(best or (diff, rel), (diff, rel))
+    # One JPEG round trip of a smooth picture is a few levels off; any other fabricated image, tens.
+    assert best is not None and best[0] < 10, best
+    return best[1]
+
+
+@pytest.mark.parametrize("kaggle,val_layout", [(False, "folders"), (True, "flat")])
+def test_imagenet_packs_with_right_labels_and_converts_odd_files(tmp_path, kaggle, val_layout):
+    truth = fabricate.make_imagenet(tmp_path / "src", kaggle=kaggle, val_layout=val_layout)
+    out = tmp_path / "out"
+    assert pack("imagenet", "--root", tmp_path / "src", "--out", out) == 0
+    index = load_index(out)
+    assert index.source == "imagenet" and index.image_size is None and index.format == "jpeg"
+    assert index.classes == ["tench", "goldfish", "crane (n02012849)", "crane (n03126707)"]
+    assert index.conversions == {"cmyk_jpeg": 1, "png_named_jpeg": 1, "progressive_jpeg": 1}
+    assert "1 grayscale JPEG(s) copied as they are: they decode to RGB like the rest" in index.notes
+    assert "test/ has no labels: skipped (2 images)" in index.notes
+    sizes = []
+    for split in ("train", "val"):
+        by_bytes = dict(zip(truth.images[split], truth.paths[split]))
+        found = []
+        for _, members in read_split(out, split):
+            ext, data = image_of(members)
+            im = Image.open(io.BytesIO(data))
+            assert ext == "jpg" and im.format == "JPEG" and im.mode in ("RGB", "L") and "progressive" not in im.info
+            rel = by_bytes.get(data) or match_converted(members, truth, split)
+            assert (data in by_bytes) == (truth.kinds[rel] in ("jpeg", "grayscale_jpeg")), rel  # passthrough
+            assert label(members) == truth.labels[split][truth.paths[split].index(rel)], rel
+            found.append(rel)
+            sizes.append((im.height, im.width))
+        assert sorted(found) == sorted(truth.paths[split])  # every image exactly once
+    assert index.sizes == lower_median_stats(sizes)
+    assert index.sizes["shorter_side"]["min"] < index.sizes["shorter_side"]["max"]  # they do vary
+    assert index.stats_sample == {"images": 16, "of": 16, "seed": 0}
+    assert_stats_match_numpy(out)
+    assert shard.verify(out) == []
+
+
+def test_imagenet_max_size_shrinks_only_the_large_images(tmp_path):
+    truth = fabricate.make_imagenet(tmp_path / "src", sides=(40, 200), per_class=4)
+    out = tmp_path / "out"
+    pack("imagenet", "--root", tmp_path / "src", "--out", out, "--max-size", "64", "--quality", "92")
+    index = load_index(out)
+    large = [
+        rel
+        for split in truth.paths
+        for rel, data in zip(truth.paths[split], truth.images[split])
+        if min(Image.open(io.BytesIO(data)).size) > 64
+    ]
+    assert 5 < len(large) < len(truth.kinds) - 5  # the fabricated sizes straddle the limit
+    assert index.max_size == 64 and index.conversions["resized"] == len(large)
+    assert index.sizes["shorter_side"]["max"] == 64 and index.sizes["longer_side"]["max"] > 64
+    for split in ("train", "val"):
+        by_bytes = dict(zip(truth.images[split], truth.paths[split]))
+        for _, members in read_split(out, split):
+            data = image_of(members)[1]
+            if data in by_bytes:  # copied: small enough and a plain baseline JPEG
+                assert by_bytes[data] not in large and truth.kinds[by_bytes[data]] in ("jpeg", "grayscale_jpeg")
+                continue
+            rel = match_converted(members, truth, split, max_size=64)
+            source = Image.open(io.BytesIO(truth.images[split][truth.paths[split].index(rel)]))
+            stored = Image.open(io.BytesIO(data))
+            if rel in large:  # the shorter side brought to 64, the aspect ratio kept
+                assert min(stored.size) == 64 and stored.size == shard.shrunk(*source.size, 64)
+                assert abs(stored.width / stored.height - source.width / source.height) < 0.02
+            else:
+                assert stored.size == source.size and truth.kinds[rel] not in ("jpeg", "grayscale_jpeg")
+    assert shard.verify(out) == []
+
+
+def test_imagenet_bad_val_solution_is_one_line(tmp_path):
+    fabricate.make_imagenet(tmp_path / "src", val_layout="flat")
+    csv = tmp_path / "src" / "LOC_val_solution.csv"
+    csv.write_text("".join(line + "\n" for line in csv.read_text().splitlines() if "_00000004," not in line))
+    result = cli("imagenet", "--root", tmp_path / "src", "--out", tmp_path / "out", "--workers", "1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {csv}: no row for val/ILSVRC2012_val_00000004.JPEG (1 of 8")
+    assert not (tmp_path / "out" / "index.json").exists()
 
 
 # --- splitting, order, determinism ----------------------------------------------------------------
@@ -461,7 +645,9 @@ def test_verify_without_index_exits_2(tmp_path):
 # --- bad input on the command line ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("source", ["cifar10", "cifar100", "mnist", "fashion-mnist", "tiny-imagenet", "imagefolder"])
+@pytest.mark.parametrize(
+    "source", ["cifar10", "cifar100", "mnist", "fashion-mnist", "tiny-imagenet", "imagefolder", "imagenet"]
+)
 def test_bad_root_is_one_line_and_exit_2(tmp_path, source):
     result = cli(source, "--root", tmp_path / "nope", "--out", tmp_path / "out")
     assert result.returncode == 2

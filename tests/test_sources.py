@@ -179,6 +179,114 @@ def test_imagefolder_without_split_level(tmp_path):
         sources.read_imagefolder(tmp_path)
 
 
+# --- ImageNet -------------------------------------------------------------------------------------
+
+IMAGENET_NAMES = ["tench", "goldfish", "crane (n02012849)", "crane (n03126707)"]  # the two cranes told apart
+
+
+@pytest.mark.parametrize(
+    "kaggle,val_layout,point_at",
+    [
+        (False, "folders", "root"),
+        (False, "flat", "root"),
+        (True, "flat", "root"),  # ROOT/ILSVRC/Data/CLS-LOC/..., ROOT/LOC_*
+        (True, "flat", "data"),  # --root at CLS-LOC itself: the LOC_* files are three levels up
+        (True, "folders", "root"),
+    ],
+)
+def test_read_imagenet_layouts(tmp_path, kaggle, val_layout, point_at):
+    truth = fabricate.make_imagenet(tmp_path, kaggle=kaggle, val_layout=val_layout)
+    data = tmp_path / "ILSVRC" / "Data" / "CLS-LOC" if kaggle else tmp_path
+    source = sources.read_imagenet(data if point_at == "data" else tmp_path)
+    assert source.classes == IMAGENET_NAMES and source.channels == 3 and source.image_size is None
+    assert set(source.splits) == {"train", "val"}
+    for split in ("train", "val"):
+        got = source.splits[split]
+        assert got.root == data
+        assert dict(zip(got.files, got.labels.tolist())) == dict(zip(truth.paths[split], truth.labels[split]))
+    assert any(n == "test/ has no labels: skipped (2 images)" for n in source.notes)
+    samples = list(sources.iter_samples(source.splits["train"]))
+    assert sorted(s.data for s in samples) == sorted(truth.images["train"])
+
+
+def test_imagenet_without_mapping_names_classes_by_wnid(tmp_path):
+    fabricate.make_imagenet(tmp_path, mapping=False)
+    assert sources.read_imagenet(tmp_path).classes == ["n01440764", "n01443537", "n02012849", "n03126707"]
+
+
+def test_imagenet_val_solution_labels_by_the_first_wnid(tmp_path):
+    truth = fabricate.make_imagenet(tmp_path, val_layout="flat")
+    csv = tmp_path / "LOC_val_solution.csv"
+    rows = csv.read_text().splitlines()
+    assert rows[0] == "ImageId,PredictionString" and rows[1].endswith(" ")
+    # A row whose boxes name two wnids (none do in the real file): the first one is the label.
+    image_id = "ILSVRC2012_val_00000001"
+    rows = [r for r in rows if not r.startswith(image_id)] + [f"{image_id},n03126707 1 2 3 4 n01440764 5 6 7 8 "]
+    csv.write_text("\n".join(rows) + "\n")
+    val = sources.read_imagenet(tmp_path).splits["val"]
+    labels = dict(zip(val.files, val.labels.tolist()))
+    assert labels[f"val/{image_id}.JPEG"] == 3
+    assert len(labels) == len(truth.paths["val"])
+
+
+def test_imagenet_val_solution_row_without_image_is_skipped(tmp_path):
+    fabricate.make_imagenet(tmp_path, val_layout="flat")
+    (tmp_path / "val" / "ILSVRC2012_val_00000003.JPEG").unlink()
+    source = sources.read_imagenet(tmp_path)
+    assert source.skipped == [
+        {"path": "val/ILSVRC2012_val_00000003.JPEG", "reason": "listed in LOC_val_solution.csv but missing"}
+    ]
+    assert len(source.splits["val"]) == 7
+
+
+@pytest.mark.parametrize(
+    "damage,error,message",
+    [
+        (
+            "unlisted val image",
+            DataError,
+            r"LOC_val_solution.csv: no row for val/ILSVRC2012_val_00000009.JPEG \(1 of 9",
+        ),
+        ("unknown wnid in csv", DataError, r"LOC_val_solution.csv:\d+: wnid n09999999 is not a class in train/"),
+        ("unknown wnid folder", DataError, r"val/n09999999: wnid n09999999 is not a class in train/"),
+        ("no csv", UsageError, r"imagenet: .*/val holds images directly: it needs LOC_val_solution.csv in "),
+        ("bad header", DataError, r"LOC_val_solution.csv: expected the header 'ImageId,PredictionString'"),
+        ("bad mapping line", DataError, r"LOC_synset_mapping.txt:3: expected '<wnid> <names>'"),
+        ("mapping lacks a wnid", DataError, r"LOC_synset_mapping.txt: no line for 1 train wnid\(s\), e.g. n01443537"),
+        ("not a wnid folder", UsageError, r"train must hold one <wnid>/ folder per class .* found cats"),
+        ("mixed val", UsageError, r"holds both <wnid>/ folders and loose images"),
+    ],
+)
+def test_imagenet_bad_input(tmp_path, damage, error, message):
+    flat = damage in ("unlisted val image", "unknown wnid in csv", "no csv", "bad header")
+    fabricate.make_imagenet(tmp_path, val_layout="flat" if flat else "folders")
+    csv, mapping = tmp_path / "LOC_val_solution.csv", tmp_path / "LOC_synset_mapping.txt"
+    if damage == "unlisted val image":
+        (tmp_path / "val" / "ILSVRC2012_val_00000009.JPEG").write_bytes(
+            (tmp_path / "val").iterdir().__next__().read_bytes()
+        )
+    elif damage == "unknown wnid in csv":
+        csv.write_text(csv.read_text() + "ILSVRC2012_val_00000099,n09999999 1 2 3 4 \n")
+    elif damage == "unknown wnid folder":
+        (tmp_path / "val" / "n09999999").mkdir()
+    elif damage == "no csv":
+        csv.unlink()
+    elif damage == "bad header":
+        csv.write_text("id,label\n" + csv.read_text().split("\n", 1)[1])
+    elif damage == "bad mapping line":
+        lines = mapping.read_text().splitlines()
+        mapping.write_text("\n".join(lines[:2] + ["n01443537"] + lines[3:]) + "\n")
+    elif damage == "mapping lacks a wnid":
+        mapping.write_text("".join(f"{line}\n" for line in mapping.read_text().splitlines() if "n01443537" not in line))
+    elif damage == "not a wnid folder":
+        (tmp_path / "train" / "cats").mkdir()
+    elif damage == "mixed val":
+        (tmp_path / "val" / "stray.JPEG").write_bytes(b"x")
+    with pytest.raises(error, match=message) as err:
+        sources.read_imagenet(tmp_path)
+    assert "\n" not in str(err.value)
+
+
 # --- synthetic ------------------------------------------------------------------------------------
 
 

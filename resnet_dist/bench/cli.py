@@ -34,7 +34,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from resnet_dist.bench.common import DEFAULT_KINDS, KINDS, console, fmt, resolve_data
+from resnet_dist.bench.common import DEFAULT_KINDS, KINDS, PHOTO, console, fmt, resolve_data
 from resnet_dist.bench.e2e import e2e_suite
 from resnet_dist.bench.loader import loader_suite
 from resnet_dist.bench.scaling import WORKER, scaling_suite, scaling_worker
@@ -80,9 +80,9 @@ def int_list(text: str) -> list[int]:
 
 def kind_list(text: str) -> list[str]:
     kinds = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in KINDS and k != PHOTO]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown kind {unknown[0]!r} (choose from {', '.join(KINDS)})")
+        raise argparse.ArgumentTypeError(f"unknown kind {unknown[0]!r} (choose from {', '.join([*KINDS, PHOTO])})")
     return kinds
 
 

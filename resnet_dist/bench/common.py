@@ -42,6 +42,10 @@ KINDS = {
     "jpeg224": Kind("jpeg224", 224, 3, "jpeg", 1536, 32),
 }
 DEFAULT_KINDS = "gray28,rgb32,jpeg64"
+# ImageNet's workload: real photographs of varying size (150-600 px sides) as JPEG, cropped to 224 px
+# (resnet_dist.bench.photos, resnet_dist.bench.varsize); not synthetic, so not a Kind.
+PHOTO = "photo224"
+PHOTO_SAMPLES = 1024
 
 
 def make_row(suite: str, case: str, ours: float, baseline: float, baseline_name: str, unit: str, **extra) -> dict:
@@ -81,6 +85,8 @@ def fast_precision() -> str:
 
 def kind_of(index: DatasetIndex) -> str:
     """The kind name an index describes: one of KINDS when it matches, else a descriptive name."""
+    if index.image_size is None:
+        return f"varsize-{index.format}"
     h, w = index.image_size
     for kind in KINDS.values():
         if (kind.size, kind.size, kind.channels, kind.format) == (h, w, index.channels, index.format):
@@ -120,6 +126,24 @@ def make_synthetic(kind: Kind, folder: Path, samples: int | None) -> Path:
     return out
 
 
+def make_photos(folder: Path, samples: int) -> Path:
+    """Real photographs of varying size as JPEG files, packed as they are by the imagefolder CLI."""
+    from resnet_dist.bench.photos import photo_jpegs, write_imagefolder
+
+    tree = write_imagefolder(photo_jpegs(samples, seed=0), folder / "photo-tree")
+    out = folder / f"photos-{PHOTO}"
+    cmd = [sys.executable, "-m", "resnet_dist.shard", "imagefolder", "--root", str(tree), "--out", str(out)]
+    result = subprocess.run(
+        [*cmd, "--shard-size", str(max(1, -(-samples // 8))), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"packing the photographs failed: {result.stderr.strip()[-500:]}")
+    return out
+
+
 def resolve_data(
     data: list[str], kinds: list[str], samples: int | None, tmp: Path
 ) -> dict[str, tuple[Path, DatasetIndex]]:
@@ -131,7 +155,10 @@ def resolve_data(
             raise UsageError(f"{folder}: index.json has no train split")
         found[kind_of(index)] = (Path(folder), index)
     for name in kinds:
-        if name not in found:
+        if name == PHOTO and name not in found:
+            path = make_photos(tmp, samples or PHOTO_SAMPLES)
+            found[name] = (path, read_index(str(path)))
+        elif name not in found:
             path = make_synthetic(KINDS[name], tmp, samples)
             found[name] = (path, read_index(str(path)))
     return found

@@ -19,6 +19,7 @@ import torch
 
 from resnet_dist.augment import BatchAugment
 from resnet_dist.bench.common import KINDS, device, interleaved, load_split, make_row, say
+from resnet_dist.bench.varsize import varsize_rows
 from resnet_dist.errors import UsageError
 from resnet_dist.index import DatasetIndex
 
@@ -234,6 +235,10 @@ def per_core_row(args, kind_name: str, d: KindData) -> dict:
 def loader_suite(args, data: dict, tmp: Path) -> list[dict]:
     rows = []
     for kind_name, (base, index) in data.items():
+        if index.image_size is None:  # images of any size: the 224 px crop pipelines
+            tree = extract_imagefolder(base, index, "train", tmp / f"imagefolder-{kind_name}")
+            rows += varsize_rows(args, kind_name, base, index, tree)
+            continue
         d = prepare(args, kind_name, base, index, tmp)
         for workers in args.workers:
             rows += worker_rows(args, kind_name, d, workers)

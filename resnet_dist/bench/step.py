@@ -173,6 +173,7 @@ def step_suite(args) -> list[dict]:
                 model=model,
             ),
         ]
+    rows.append(augment_threads_row())
     say(rows)
     if args.compile:
         rows += compile_rows(
@@ -214,3 +215,33 @@ def compile_rows(args, eager: StepSetup, images, labels, mean, std, model: str) 
     ]
     say(rows)
     return rows
+
+
+def augment_threads_row(batch: int = 256, size: int = 32, repeats: int = 5, calls: int = 20) -> dict:
+    """BatchAugment.train (pad 4 + crop + flip + normalise) on the CPU with 1 intra-op thread, the trainer's
+    setting, vs torch's default of one per core: the cost of thread oversubscription per batch."""
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+
+    def timer(threads: int) -> Callable[[], float]:
+        augment = BatchAugment([0.5] * 3, [0.25] * 3, cpu, 4, True, cpu_threads=threads)
+        generator = torch.Generator().manual_seed(0)
+
+        def run() -> float:
+            start = time.perf_counter()
+            for _ in range(calls):
+                augment.train(images, generator)
+            return batch * calls / (time.perf_counter() - start)
+
+        return run
+
+    rates = interleaved({"one": timer(1), "default": timer(0)}, repeats)
+    return make_row(
+        "step",
+        f"batch augmentation on the CPU, {batch} x {size}x{size}x3, 1 intra-op thread",
+        rates["one"],
+        rates["default"],
+        f"the same with torch's default {torch.get_num_threads()} intra-op threads",
+        "img/s",
+        ms_per_batch={"one": round(batch * 1e3 / rates["one"], 2), "default": round(batch * 1e3 / rates["default"], 2)},
+    )
