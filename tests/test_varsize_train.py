@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TRAIN, read_json, run_env, shard, train
+from helpers import ROOT, TRAIN, read_json, run_env, shard, train
 from PIL import Image
 from safetensors.torch import load_file
 
