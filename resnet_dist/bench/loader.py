@@ -115,8 +115,8 @@ def imagefolder_batches(root: Path, index: DatasetIndex, batch: int, workers: in
         yield images.to(device(), non_blocking=True), labels
 
 
-def webdataset_batches(base: Path, index: DatasetIndex, batch: int, workers: int, padding: int) -> Iterator:
-    """A plain WebDataset pipeline as its docs show it: shuffle, decode to PIL, per-sample transforms, batch."""
+def webdataset_batches(base: Path, index: DatasetIndex, batch: int, workers: int, transform) -> Iterator:
+    """A plain WebDataset pipeline as its docs show it: shuffle, decode to PIL, `transform` per sample, batch."""
     import webdataset as wds
     from torch.utils.data import DataLoader
 
@@ -127,7 +127,7 @@ def webdataset_batches(base: Path, index: DatasetIndex, batch: int, workers: int
         .shuffle(1000)
         .decode("pill" if index.channels == 1 else "pil")
         .to_tuple(image, "cls")
-        .map_tuple(notebook_transform(index, padding), int)
+        .map_tuple(transform, int)
         .batched(batch, partial=False)
     )
     loader = DataLoader(
@@ -199,10 +199,11 @@ def prepare(args, kind_name: str, base: Path, index: DatasetIndex, tmp: Path) ->
 def pipeline_timers(args, d: KindData, workers: int) -> dict[str, Callable[[], float]]:
     """One timer per pipeline, each over a fresh loader with `workers` worker processes."""
     w, n = args.warmup, args.batches
+    per_sample = notebook_transform(d.index, args.padding)
     return {
         "ours": lambda: time_batches(ours_batches(d.base, d.index, d.batch, workers, next(d.epochs), d.augment), w, n),
         "imagefolder": lambda: time_batches(imagefolder_batches(d.tree, d.index, d.batch, workers, args.padding), w, n),
-        "webdataset": lambda: time_batches(webdataset_batches(d.base, d.index, d.batch, workers, args.padding), w, n),
+        "webdataset": lambda: time_batches(webdataset_batches(d.base, d.index, d.batch, workers, per_sample), w, n),
         "memory": lambda: time_batches(memory_batches(d.images, d.labels, d.batch, next(d.epochs), d.augment), w, n),
     }
 

@@ -96,30 +96,6 @@ def reference(tree: Path, index: DatasetIndex, batch: int, workers: int, train: 
         yield images.to(device(), non_blocking=True), labels
 
 
-def webdataset(base: Path, index: DatasetIndex, batch: int, workers: int) -> Iterator:
-    import webdataset as wds
-    from torch.utils.data import DataLoader
-
-    urls = [str(base / s.file) for s in index.splits["train"].shards]
-    pipeline = (
-        wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False)
-        .shuffle(1000)
-        .decode("pil")
-        .to_tuple("jpg;jpeg;png", "cls")
-        .map_tuple(reference_transform(index, True), int)
-        .batched(batch, partial=False)
-    )
-    loader = DataLoader(
-        pipeline,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if workers else None,
-    )
-    for images, labels in loader:
-        yield images.to(device(), non_blocking=True), labels
-
-
 def one_thread(timer: Callable[[], float]) -> Callable[[], float]:
     """The timer run with one intra-op thread: what one core does (the DataLoader's workers have one too)."""
 
@@ -135,13 +111,15 @@ def one_thread(timer: Callable[[], float]) -> Callable[[], float]:
 
 
 def pipeline_timers(args, base: Path, index: DatasetIndex, tree: Path, workers: int) -> dict[str, Callable[[], float]]:
-    from resnet_dist.bench.loader import time_batches
+    from resnet_dist.bench.loader import time_batches, webdataset_batches
 
     batch, w, n, epochs = args.batch_size or 64, args.warmup, args.batches, count(1)
     timers = {
         "ours": lambda: time_batches(ours(base, index, batch, workers, next(epochs), True), w, n),
         "reference": lambda: time_batches(reference(tree, index, batch, workers, True), w, n),
-        "webdataset": lambda: time_batches(webdataset(base, index, batch, workers), w, n),
+        "webdataset": lambda: time_batches(
+            webdataset_batches(base, index, batch, workers, reference_transform(index, True)), w, n
+        ),
         "ours eval": lambda: time_batches(ours(base, index, batch, workers, 0, False), w, n),
         "reference eval": lambda: time_batches(reference(tree, index, batch, workers, False), w, n),
     }

@@ -9,13 +9,11 @@ import sys
 
 import torch
 from accelerate import Accelerator
+from real_step import real_step
 
-from resnet_dist.augment import BatchAugment
 from resnet_dist.config import TrainConfig
 from resnet_dist.distributed import end_run
-from resnet_dist.engine import Step, train_step
-from resnet_dist.guard import StepGuard, StopRequest
-from resnet_dist.optim import build_optimizer, build_scheduler
+from resnet_dist.engine import train_step
 
 
 def main() -> None:
@@ -40,18 +38,7 @@ def main() -> None:
             label_smoothing=0.1,
         )
         net = model()
-        opt = build_optimizer(cfg, net.parameters())
-        sched = build_scheduler(cfg, opt, total_steps=10, steps_per_epoch=10)
-        net, opt = acc.prepare(net, opt)
-        step = Step(
-            accelerator=acc,
-            model=net,
-            optimizer=opt,
-            scheduler=sched,
-            augment=BatchAugment([0.5] * 3, [0.25] * 3, acc.device, padding=0, flip=False),
-            guard=StepGuard(acc, StopRequest(), max_bad_steps=0),
-            label_smoothing=cfg.label_smoothing,
-        )
+        step = real_step(acc, net, cfg, max_bad_steps=0)
         g = torch.Generator().manual_seed(1)
         # Same global data both ways: rank r takes rows [r*K*B, (r+1)*K*B) of each step's global batch.
         data = torch.randint(0, 256, (STEPS, acc.num_processes * K * B, 6, 6, 3), generator=g, dtype=torch.uint8)
@@ -62,7 +49,7 @@ def main() -> None:
             for i in range(0, K * B, batch):
                 train_step(step, x[i : i + batch], y[i : i + batch], None)
         weights = torch.cat([p.detach().flatten() for p in acc.unwrap_model(net).parameters()])
-        return weights, sched.last_epoch, acc
+        return weights, step.scheduler.last_epoch, acc
 
     w_accum, steps_accum, acc = train(K, B)
     w_big, steps_big, _ = train(1, K * B)

@@ -6,13 +6,11 @@ import sys
 
 import torch
 from accelerate import Accelerator
+from real_step import real_step
 
-from resnet_dist.augment import BatchAugment
 from resnet_dist.config import TrainConfig
 from resnet_dist.distributed import end_run
-from resnet_dist.engine import Step, train_step
-from resnet_dist.guard import StepGuard, StopRequest
-from resnet_dist.optim import build_optimizer, build_scheduler
+from resnet_dist.engine import train_step
 
 
 def main() -> None:
@@ -33,18 +31,7 @@ def main() -> None:
         warmup_epochs=0.0,
         label_smoothing=0.0,
     )
-    opt = build_optimizer(cfg, net.parameters())
-    sched = build_scheduler(cfg, opt, total_steps=10, steps_per_epoch=10)
-    net, opt = acc.prepare(net, opt)
-    step = Step(
-        accelerator=acc,
-        model=net,
-        optimizer=opt,
-        scheduler=sched,
-        augment=BatchAugment([0.5] * 3, [0.25] * 3, acc.device, padding=0, flip=False),
-        guard=StepGuard(acc, StopRequest(), max_bad_steps=3),
-        label_smoothing=cfg.label_smoothing,
-    )
+    step = real_step(acc, net, cfg, max_bad_steps=3)
     g = torch.Generator().manual_seed(acc.process_index)
 
     def flat():
