@@ -93,19 +93,19 @@ def decode_batches(base: Path, index: DatasetIndex, batch: int, epoch: int) -> I
     yield from ((images, labels) for images, labels, *_ in stream)  # drop the lost/problems fields
 
 
-def imagefolder_batches(root: Path, index: DatasetIndex, batch: int, workers: int, padding: int) -> Iterator:
-    """The notebook path: ImageFolder + per-sample transforms in the workers, default collate."""
+def imagefolder_batches(
+    root: Path, index: DatasetIndex, batch: int, workers: int, transform, shuffle: bool = True
+) -> Iterator:
+    """The notebook path: ImageFolder + `transform` per sample in the workers, default collate."""
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
     mode = "L" if index.channels == 1 else "RGB"  # ImageFolder's default loader would make gray images RGB
-    dataset = ImageFolder(
-        str(root), transform=notebook_transform(index, padding), loader=functools.partial(pil_open, mode=mode)
-    )
+    dataset = ImageFolder(str(root), transform=transform, loader=functools.partial(pil_open, mode=mode))
     loader = DataLoader(
         dataset,
         batch_size=batch,
-        shuffle=True,
+        shuffle=shuffle,
         num_workers=workers,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
@@ -202,7 +202,7 @@ def pipeline_timers(args, d: KindData, workers: int) -> dict[str, Callable[[], f
     per_sample = notebook_transform(d.index, args.padding)
     return {
         "ours": lambda: time_batches(ours_batches(d.base, d.index, d.batch, workers, next(d.epochs), d.augment), w, n),
-        "imagefolder": lambda: time_batches(imagefolder_batches(d.tree, d.index, d.batch, workers, args.padding), w, n),
+        "imagefolder": lambda: time_batches(imagefolder_batches(d.tree, d.index, d.batch, workers, per_sample), w, n),
         "webdataset": lambda: time_batches(webdataset_batches(d.base, d.index, d.batch, workers, per_sample), w, n),
         "memory": lambda: time_batches(memory_batches(d.images, d.labels, d.batch, next(d.epochs), d.augment), w, n),
     }
@@ -217,9 +217,10 @@ def worker_rows(args, kind_name: str, d: KindData, workers: int) -> list[dict]:
 def per_core_row(args, kind_name: str, d: KindData) -> dict:
     """Our worker's work alone vs ImageFolder's, both in this process: what one core delivers."""
     w, n = args.warmup, args.batches
+    per_sample = notebook_transform(d.index, args.padding)
     timers = {
         "ours": lambda: time_batches(decode_batches(d.base, d.index, d.batch, next(d.epochs)), w, n),
-        "imagefolder": lambda: time_batches(imagefolder_batches(d.tree, d.index, d.batch, 0, args.padding), w, n),
+        "imagefolder": lambda: time_batches(imagefolder_batches(d.tree, d.index, d.batch, 0, per_sample), w, n),
     }
     rates = interleaved(timers, args.repeats)
     return make_row(

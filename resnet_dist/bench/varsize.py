@@ -78,24 +78,6 @@ def gpu_worker_side(base: Path, index: DatasetIndex, batch: int, epoch: int) -> 
         yield torch.empty(len(encoded)), labels  # time_batches counts images by the first dimension
 
 
-def reference(tree: Path, index: DatasetIndex, batch: int, workers: int, train: bool) -> Iterator:
-    from torch.utils.data import DataLoader
-    from torchvision.datasets import ImageFolder
-
-    dataset = ImageFolder(str(tree), transform=reference_transform(index, train))
-    loader = DataLoader(
-        dataset,
-        batch_size=batch,
-        shuffle=train,
-        num_workers=workers,
-        drop_last=True,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if workers else None,
-    )
-    for images, labels in loader:
-        yield images.to(device(), non_blocking=True), labels
-
-
 def one_thread(timer: Callable[[], float]) -> Callable[[], float]:
     """The timer run with one intra-op thread: what one core does (the DataLoader's workers have one too)."""
 
@@ -111,17 +93,20 @@ def one_thread(timer: Callable[[], float]) -> Callable[[], float]:
 
 
 def pipeline_timers(args, base: Path, index: DatasetIndex, tree: Path, workers: int) -> dict[str, Callable[[], float]]:
-    from resnet_dist.bench.loader import time_batches, webdataset_batches
+    from resnet_dist.bench.loader import imagefolder_batches, time_batches, webdataset_batches
+
+    def reference(train: bool) -> Iterator:  # torchvision's reference pipeline over the same JPEG files
+        return imagefolder_batches(tree, index, batch, workers, reference_transform(index, train), shuffle=train)
 
     batch, w, n, epochs = args.batch_size or 64, args.warmup, args.batches, count(1)
     timers = {
         "ours": lambda: time_batches(ours(base, index, batch, workers, next(epochs), True), w, n),
-        "reference": lambda: time_batches(reference(tree, index, batch, workers, True), w, n),
+        "reference": lambda: time_batches(reference(True), w, n),
         "webdataset": lambda: time_batches(
             webdataset_batches(base, index, batch, workers, reference_transform(index, True)), w, n
         ),
         "ours eval": lambda: time_batches(ours(base, index, batch, workers, 0, False), w, n),
-        "reference eval": lambda: time_batches(reference(tree, index, batch, workers, False), w, n),
+        "reference eval": lambda: time_batches(reference(False), w, n),
     }
     if workers:
         return timers
