@@ -23,7 +23,6 @@ import io
 import math
 import multiprocessing
 import os
-import re
 import select
 import threading
 import time
@@ -45,8 +44,7 @@ from resnet_dist.gpu_decode import encoded_batch
 from resnet_dist.guard import ignore_stop_signals
 from resnet_dist.index import DatasetIndex, ShardInfo, SplitInfo
 from resnet_dist.storage import read_bytes
-
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
+from resnet_dist.tars import IMAGE_EXTS, tar_samples
 
 
 @dataclass(frozen=True)
@@ -233,125 +231,6 @@ def shard_problem(data: bytes, shard: ShardInfo) -> str | None:
     if hashlib.sha256(data).hexdigest() != shard.sha256:
         return f"{shard.file}: sha256 differs from index.json (the shard changed since it was written)"
     return None
-
-
-# --- tar reading ----------------------------------------------------------------------------------
-# Why not webdataset's tar iterator: it goes through Python's tarfile, whose per-member header parsing
-# (TarInfo.frombuf, nti, nts) was half of a loader worker's time on 28 px PNG shards, where a sample is
-# two 512-byte headers around ~500 bytes of payload. Measured (docs/performance.md, section 1): 9.5 us
-# per sample here against 51 us for webdataset's iterator on a Fashion-MNIST shard. A shard is already
-# whole in memory (its sha256 was checked), so a header is 512 bytes of a memoryview and a member's
-# payload is a slice, and members of samples outside the piece are skipped without copying.
-
-BLOCK = 512
-REGULAR = (b"0", b"\0", b"7")  # what tarfile.isreg() calls a file (sparse "S" files are refused)
-SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, fifos: no payload
-META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these names
-
-
-def _text(field) -> str:
-    return bytes(field).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def _number(field) -> int:
-    """A numeric header field as tarfile reads it: octal text, or GNU base-256 if the top bit is set."""
-    if field[0] & 0x80:
-        value = int.from_bytes(field[1:], "big")
-        return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
-    return int(bytes(field).split(b"\0", 1)[0].strip() or b"0", 8)  # ValueError on damage
-
-
-def _pax(payload) -> dict[str, str]:
-    """Records `LENGTH key=value\\n` of a pax extended header."""
-    fields, pos, payload = {}, 0, bytes(payload)
-    while pos < len(payload) and payload[pos]:
-        length = int(payload[pos : payload.index(b" ", pos)])
-        if not pos < pos + length <= len(payload):  # a length of 0 would never advance: a hang, not an error
-            raise ValueError(f"damaged pax record length {length}")
-        key, _, value = payload[payload.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
-        fields[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return fields
-
-
-def tar_members(data: bytes) -> Iterator[tuple[str, int, int]]:
-    """(name, payload offset, payload size) of each regular file of an in-memory tar, in order.
-
-    Reads what tarfile reads: ustar (with its name prefix), GNU (././@LongLink names) and pax headers
-    (`path` and `size` override the next member's), skips directories, links and other non-files, and
-    stops at the first zero block. Unlike tarfile, which silently ends the archive at a header whose
-    checksum is wrong, a damaged header or a member cut short raises ValueError.
-    """
-    view = memoryview(data)
-    # Every block's byte sum in one numpy pass: a header's checksum is then one subtraction, not a
-    # 512-step Python sum (3 us per header, more than the rest of its parsing).
-    sums = np.frombuffer(view[: len(data) // BLOCK * BLOCK], np.uint8).reshape(-1, BLOCK).sum(axis=1, dtype=np.int64)
-    offset, name, size = 0, None, None  # name, size: from a preceding GNU long-name or pax header
-    while offset + BLOCK <= len(data):
-        header, total = view[offset : offset + BLOCK], int(sums[offset // BLOCK])
-        if not total:
-            return  # end-of-archive marker
-        unsigned = total - sum(header[148:156]) + 8 * 32  # the checksum field counts as 8 spaces
-        stored = _number(header[148:156])
-        if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in header):  # signed sum: old tars
-            raise ValueError(f"tar header at byte {offset}: checksum mismatch")
-        kind, start = bytes(header[156:157]), offset + BLOCK
-        length = 0 if kind in SKIPPED else size if size is not None and kind in REGULAR else _number(header[124:136])
-        if start + length > len(data):
-            raise ValueError(f"tar member at byte {offset} is cut short")
-        offset = start + -(-length // BLOCK) * BLOCK
-        payload = view[start : start + length]
-        if kind == b"L":
-            name = _text(payload)
-        elif kind in (b"x", b"X"):
-            pax = _pax(payload)
-            name, size = pax.get("path", name), int(pax["size"]) if "size" in pax else size
-        elif kind == b"S":
-            raise ValueError(f"tar member at byte {start - BLOCK}: GNU sparse files are not supported")
-        elif kind not in (b"K", b"g"):  # K: a long link target, g: global pax fields (neither names a file)
-            if kind in REGULAR:
-                if name is None:
-                    name, prefix = _text(header[0:100]), _text(header[345:500])
-                    name = f"{prefix}/{name}" if prefix else name
-                if not (kind == b"\0" and name.endswith("/")):  # old tars mark directories by the slash
-                    yield name, start, length
-            name, size = None, None
-
-
-def base_plus_ext(name: str) -> tuple[str | None, str | None]:
-    """webdataset's sample key and extension: the path up to the basename's first dot, and the rest."""
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    return (name[:dot], name[dot + 1 :]) if dot > slash else (None, None)
-
-
-def tar_samples(data: bytes, piece: Piece) -> Iterator[dict]:
-    """Samples skip..skip+take of a tar held in memory, grouped by key as webdataset groups them.
-
-    Members of the samples before `skip` are counted, not copied. Raises ValueError on a damaged tar
-    or a repeated extension within a sample (webdataset's rule).
-    """
-    key, count, sample = None, 0, None
-    for name, start, size in tar_members(data):
-        if name.startswith("__") and (name.endswith("__") and "/" not in name or META.match(name)):
-            continue  # webdataset's metadata members
-        base, ext = base_plus_ext(name)
-        if base is None:
-            continue
-        if base != key:
-            if sample is not None:
-                yield sample
-            key, count = base, count + 1
-            if count > piece.skip + piece.take:
-                return
-            sample = {"__key__": base, "__url__": piece.file} if count > piece.skip else None
-        if sample is not None:
-            ext = ext.lower()
-            if ext in sample:
-                raise ValueError(f"{name}: duplicate file name in tar file {ext}")
-            sample[ext] = data[start : start + size]
-    if sample is not None:
-        yield sample
 
 
 def read_piece(base: str, piece: Piece, strict: bool) -> list[dict | Lost]:

@@ -17,12 +17,16 @@ from typing import Any
 from resnet_dist.errors import DataError
 from resnet_dist.filesafe import fsync_dir
 
-# Version 2 (this writer): `image_size` may be null (sizes vary), plus `sizes`, `max_size`,
-# `conversions` and `stats_sample`. Version 1 indexes (fixed size, none of those) still read.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Version 2: `image_size` may be null (sizes vary), plus `sizes`, `max_size`, `conversions` and
+# `stats_sample`. Version 3 (this writer): each shard may name its per-sample table (`samples`, a sidecar
+# beside index.json: resnet_dist.tars), `shard_base` says where the tars are when not beside index.json
+# (foreign shards indexed by `shard index`), `label` says which member holds the label. Older indexes read.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 INDEX_NAME = "index.json"
-IMAGE_FORMATS = ("png", "jpeg")
+IMAGE_FORMATS = ("png", "jpeg", "webp", "mixed")
+LABEL_MEMBERS = ("cls", "json", "txt")
+DEFAULT_LABEL = {"member": "cls", "field": None, "by": "index"}
 SIZE_FIELDS = ("height", "width", "shorter_side", "longer_side")
 
 
@@ -32,6 +36,7 @@ class ShardInfo:
     num_samples: int
     sha256: str  # of the whole tar file
     bytes: int
+    samples: str | None = None  # its per-sample table, a file beside index.json (resnet_dist.tars)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,11 @@ class DatasetIndex:
     max_size: int | None = None  # --max-size: no stored image has a shorter side above it
     conversions: dict[str, int] = field(default_factory=dict)  # images not copied byte-for-byte, by reason
     stats_sample: dict[str, int] | None = None  # {"images", "of", "seed"}: what mean/std were computed from
+    # Where the tars are, when not beside index.json: an absolute path or URL (foreign shards).
+    shard_base: str | None = None
+    # Which member holds a sample's label: {"member": cls|json|txt, "field": json key or None,
+    # "by": "index" (an integer) or "name" (a class name, looked up in `classes`)}.
+    label: dict = field(default_factory=lambda: dict(DEFAULT_LABEL))
     # As read; what to_json writes is always FORMAT_VERSION. Version 1 writers copied CMYK JPEGs as they were.
     format_version: int = FORMAT_VERSION
 
@@ -82,10 +92,7 @@ class DatasetIndex:
             "splits": {
                 name: {
                     "num_samples": split.num_samples,
-                    "shards": [
-                        {"file": s.file, "num_samples": s.num_samples, "sha256": s.sha256, "bytes": s.bytes}
-                        for s in split.shards
-                    ],
+                    "shards": [_shard_json(s) for s in split.shards],
                 }
                 for name, split in self.splits.items()
             },
@@ -98,6 +105,8 @@ class DatasetIndex:
             max_size=self.max_size,
             conversions=dict(self.conversions),
             stats_sample=None if self.stats_sample is None else dict(self.stats_sample),
+            shard_base=self.shard_base,
+            label=dict(self.label),
             skipped=list(self.skipped),
             notes=list(self.notes),
             args=dict(self.args),
@@ -105,6 +114,13 @@ class DatasetIndex:
             tool=self.tool,
         )
         return obj
+
+
+def _shard_json(s: ShardInfo) -> dict:
+    obj = {"file": s.file, "num_samples": s.num_samples, "sha256": s.sha256, "bytes": s.bytes}
+    if s.samples is not None:
+        obj["samples"] = s.samples
+    return obj
 
 
 # --- validation: small checkers that raise DataError naming `where` and the field -----------------
@@ -165,6 +181,9 @@ def _parse_shard(obj: Any, where: str) -> ShardInfo:
         raise _bad(where, "each shard must be an object")
     file = _get(obj, "file", str, where)
     _check_file_name(file, where)
+    samples = _get(obj, "samples", (str, type(None)), where, None)
+    if samples is not None:
+        _check_file_name(samples, where)
     sha = _get(obj, "sha256", str, where)
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise _bad(where, f"shard {file}: sha256 must be 64 lowercase hex digits")
@@ -173,6 +192,7 @@ def _parse_shard(obj: Any, where: str) -> ShardInfo:
         num_samples=_positive_int(obj, "num_samples", f"{where} shard {file}"),
         sha256=sha,
         bytes=_positive_int(obj, "bytes", f"{where} shard {file}"),
+        samples=samples,
     )
 
 
@@ -248,6 +268,21 @@ def _v2_fields(obj: dict, image_size: tuple[int, int] | None, where: str) -> dic
     return {"sizes": sizes, "max_size": max_size, "conversions": dict(conversions), "stats_sample": sample}
 
 
+def _v3_fields(obj: dict, where: str) -> dict[str, Any]:
+    """shard_base and label: optional (older versions have neither), checked when present."""
+    base = _get(obj, "shard_base", (str, type(None)), where, None)
+    if base is not None and not base:
+        raise _bad(where, "shard_base must be a path or URL, or null")
+    label = _get(obj, "label", dict, where, DEFAULT_LABEL)
+    if sorted(label) != ["by", "field", "member"]:
+        raise _bad(where, f"label must have exactly by, field, member, got {sorted(label)}")
+    if label["member"] not in LABEL_MEMBERS or label["by"] not in ("index", "name"):
+        raise _bad(where, f"label.member must be one of {', '.join(LABEL_MEMBERS)} and label.by index or name")
+    if (label["member"] == "json") != isinstance(label["field"], str):
+        raise _bad(where, "label.field names the json key for member json, and is null otherwise")
+    return {"shard_base": base, "label": dict(label)}
+
+
 def parse_index(obj: dict, where: str) -> DatasetIndex:
     """Validate a decoded index.json; DataError with one line naming `where` on any problem."""
     if not isinstance(obj, dict):
@@ -302,6 +337,7 @@ def parse_index(obj: dict, where: str) -> DatasetIndex:
         created=_get(obj, "created", str, where, ""),
         tool=_get(obj, "tool", str, where, ""),
         **_v2_fields(obj, size, where),
+        **_v3_fields(obj, where),
         format_version=version,
     )
 

@@ -80,7 +80,7 @@ def test_round_trip_through_json():
         extra_labels={"coarse": ["x", "y"]}, sizes=FIXED_SIZES, stats_sample={"images": 7, "of": 7, "seed": 0}
     )
     obj = json.loads(json.dumps(index.to_json()))
-    assert obj["num_classes"] == 3 and obj["format_version"] == 2
+    assert obj["num_classes"] == 3 and obj["format_version"] == 3
     assert obj["image_size"] == [28, 24]  # height, width
     assert obj["sizes"]["shorter_side"] == point(24) and obj["max_size"] is None and obj["conversions"] == {}
     assert parse_index(obj, "test") == index
@@ -142,12 +142,12 @@ BROKEN = {
     "size wrong type": (_set(["image_size"], "28x28"), "image_size"),
     "size three values": (_set(["image_size"], [28, 28, 1]), "image_size"),
     "bool count": (_set(["splits", "test", "num_samples"], True), "must be int"),
-    "bad format": (_set(["format"], "webp"), "format must be one of"),
+    "bad format": (_set(["format"], "gif"), "format must be one of"),
     "bad sha": (_set(["splits", "test", "shards", 0, "sha256"], "xyz"), "sha256"),
     "no splits": (_set(["splits"], {}), "no splits"),
     "no shards": (_set(["splits", "test", "shards"], []), "no shards"),
     "num_classes disagrees": (_set(["num_classes"], 4), "num_classes is 4"),
-    "version": (_set(["format_version"], 3), "format_version 3 is not supported"),
+    "version": (_set(["format_version"], 4), "format_version 4 is not supported"),
     "duplicate shard": (_set(["splits", "test", "shards", 0, "file"], "train-000000.tar"), "listed twice"),
     "negative std": (_set(["std"], [-0.1]), "std must be > 0"),
 }
