@@ -372,3 +372,12 @@ def write_index(folder: Path, index: DatasetIndex) -> Path:
         raise
     fsync_dir(folder, best_effort=True)
     return folder / INDEX_NAME
+
+
+def shards_at(base: str, index: DatasetIndex) -> str:
+    """Where the index's tars are: its `shard_base` (foreign shards indexed elsewhere), else beside it."""
+    return index.shard_base or base
+
+
+def class_ids(index: DatasetIndex) -> dict[str, int]:
+    return {name: i for i, name in enumerate(index.classes)}

@@ -16,6 +16,7 @@ members of samples outside the piece are skipped without copying.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -266,3 +267,37 @@ def parse_table(obj: object, where: str) -> SampleTable:
         shard_sha256=str(obj.get("shard_sha256", "")),
         **{f: list(obj[f]) for f in fields},
     )
+
+
+# --- labels ---------------------------------------------------------------------------------------
+
+
+def sample_label(members: dict, rule: dict, class_ids: dict[str, int]) -> int:
+    """A sample's label by index.json's `label` rule: {"member": cls|json|txt, "field", "by": index|name}.
+
+    `class_ids` maps class names to ids (for "by": "name"). ValueError with a short reason if the member
+    is missing, unreadable, or names no known class; the caller says which sample.
+    """
+    member = rule["member"]
+    raw = members.get(member)
+    if raw is None:
+        raise ValueError(f"no {member} member")
+    try:
+        value: object = bytes(raw).decode("utf-8").strip()
+        if member == "json":
+            obj = json.loads(value)
+            if not isinstance(obj, dict) or rule["field"] not in obj:
+                raise ValueError(f"json has no field {rule['field']!r}")
+            value = obj[rule["field"]]
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{member} is not readable text ({exc})") from None
+    if rule["by"] == "name":
+        if str(value) not in class_ids:
+            raise ValueError(f"{member} names no known class: {str(value)[:40]!r}")
+        return class_ids[str(value)]
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+        raise ValueError(f"{member} label is not a non-negative integer: {str(value)[:40]!r}")
+    label = int(value)
+    if label >= len(class_ids):
+        raise ValueError(f"{member} label {label} outside 0..{len(class_ids) - 1}")
+    return label
