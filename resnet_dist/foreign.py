@@ -32,13 +32,14 @@ from pathlib import Path
 import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from resnet_dist import __version__
 from resnet_dist.crops import image_size
 from resnet_dist.errors import DataError, UsageError
 from resnet_dist.filesafe import write_json_atomic
 from resnet_dist.index import INDEX_NAME, DatasetIndex, ShardInfo, SplitInfo, parse_index, write_index
-from resnet_dist.shard import DEFAULT_STATS_SAMPLE, GRAY_MODES, SPLIT_RE, PixelStats, size_stats
+from resnet_dist.shard import DEFAULT_STATS_SAMPLE, GRAY_MODES, SPLIT_RE, PixelStats, console, size_stats
 from resnet_dist.storage import list_files, read_bytes
 from resnet_dist.tars import IMAGE_EXTS, sample_label, sample_table, sidecar_name, tar_groups
 
@@ -83,7 +84,7 @@ def _expand(source: str) -> tuple[str, list[str]]:
 
 def locate(source: str) -> Location:
     """The shards `source` names: a folder, file://, a brace pattern, or any URL storage can list."""
-    brace = "{" in source and ".." in source
+    brace = "{" in source  # webdataset's shard-list notation: {0000..0099} ranges and {a,b} lists
     head, names = _expand(source) if brace else (source.rstrip("/") or "/", None)
     path = _local_path(head)
     if path is not None:
@@ -196,7 +197,10 @@ def label_member(args: argparse.Namespace, members: dict) -> tuple[str, str | No
             pass
     if "txt" in members:
         return "txt", None
-    raise DataError(f"first sample has no .cls, json with a label field or .txt member (has {sorted(members)})")
+    raise DataError(
+        f"{members['__key__']}: the first sample has no .cls, json with a `label` field or .txt member (has "
+        f"{sorted(k for k in members if k != '__key__')}): name the label with --label or --label-key"
+    )
 
 
 def raw_label(members: dict, member: str, key: str | None) -> object:
@@ -441,8 +445,8 @@ def index_notes(scan: Scan, loc: Location) -> list[str]:
 def build_index(scan: Scan, args, loc: Location, out: Path, stats_of: int) -> DatasetIndex:
     rule, classes, notes = label_rule(scan, args)
     check_labels(scan, args, rule, classes)
-    if not scan.dims:
-        raise DataError(f"{args.source}: no readable image in any shard")
+    if not scan.dims or not scan.stats.count:
+        raise DataError(f"{args.source}: no readable image in any shard, or none decoded for mean/std")
     dims = np.array(scan.dims).reshape(-1, 2)
     sizes = size_stats(dims)
     fixed = sizes["height"]["min"] == sizes["height"]["max"] and sizes["width"]["min"] == sizes["width"]["max"]
@@ -482,8 +486,6 @@ def output_folder(args, loc: Location) -> Path:
         out = Path(loc.base)
     else:
         out = Path(args.out)
-        if "://" in str(args.out):
-            raise UsageError(f"--out {args.out}: a local folder (index.json of foreign shards is written locally)")
     if (out / INDEX_NAME).exists() and not args.overwrite:
         raise UsageError(f"{out / INDEX_NAME} exists: pass --overwrite to replace it")
     try:
@@ -505,8 +507,12 @@ def index_shards(args: argparse.Namespace) -> tuple[DatasetIndex, Path]:
     wanted = DEFAULT_STATS_SAMPLE if args.stats_sample is None else args.stats_sample
     quota = Quota(wanted, set(stats_files))
     scan = Scan()
-    for file in loc.names:
-        scan_shard(scan, args, loc, file, splits[file], quota, out)
+    columns = (TextColumn("index"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("shards", total=len(loc.names))
+        for file in loc.names:
+            scan_shard(scan, args, loc, file, splits[file], quota, out)
+            progress.advance(task)
     stats_of = sum(s.num_samples for shards in scan.shards.values() for s in shards if s.file in quota.files)
     index = build_index(scan, args, loc, out, stats_of)
     parse_index(index.to_json(), "index being written")  # the contract, checked before anything trusts it
@@ -515,7 +521,7 @@ def index_shards(args: argparse.Namespace) -> tuple[DatasetIndex, Path]:
 
 def add_index_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="folder, file:// URL, brace pattern (https://host/x-train-{0000..0099}.tar) or URL")
-    p.add_argument("--out", type=Path, help="folder for index.json and sidecars (default: the shards' folder)")
+    p.add_argument("--out", help="local folder for index.json and sidecars (default: the shards' folder)")
     p.add_argument(
         "--label",
         choices=("auto", "cls", "json", "txt"),
@@ -549,6 +555,9 @@ def _count(text: str) -> int:
 
 
 def check_index_args(args: argparse.Namespace) -> None:
+    if args.out is not None and "://" in args.out:
+        # Path() would fold "s3://b/x" into a local folder "s3:/b/x": refused, never taken for a folder.
+        raise UsageError(f"--out {args.out}: must be a local folder (index.json of foreign shards is written locally)")
     if args.label_key and args.label not in ("auto", "json"):
         raise UsageError(f"--label-key names a json field: it goes with --label json, not {args.label}")
     if args.classes is not None and args.class_key:

@@ -217,8 +217,11 @@ def read_bytes(base: str, name: str) -> bytes:
 def list_files(base: str) -> list[str]:
     """The names of the files directly in `base`, sorted. Local folders only here: plain http(s) has no
     listing (`shard index` takes a brace pattern for it), and other schemes are refused, never a folder."""
-    if is_url(base) or "://" in base:
-        raise UsageError(f"{base}: cannot list files at this URL (give a brace pattern like shard-{{0000..0009}}.tar)")
+    if is_url(base):
+        hint = f"{base.rstrip('/')}/x-{{0000..0009}}.tar"
+        raise UsageError(f"{base}: an http(s) URL cannot be listed: give a brace pattern like {hint}")
+    if "://" in base:
+        raise UsageError(f"{base}: unsupported URL scheme {base.split('://', 1)[0]}://")
     folder = Path(base)
     if not folder.is_dir():
         raise DataError(f"{base}: no such folder")
