@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import subprocess
+import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from helpers import ok, read_json, shard, train
+from helpers import ROOT, ok, read_json, run_env, shard, train
 from PIL import Image
 
 from resnet_dist.bench.photos import photo_jpegs
@@ -199,6 +200,11 @@ def test_img2dataset_shards_with_class_names_in_txt_index_and_train(tmp_path, re
     assert obj["label"] == {"member": "txt", "field": None, "by": "name"}
     assert set(obj["classes"]) <= set(CLASSES) and obj["classes"] == sorted(obj["classes"])
     train_and_evaluate(tmp_path / "index", tmp_path / "run", "test", 20)
+    # The evaluate CLI finds the tars through the index's shard_base too, and reads the txt labels alike.
+    cmd = [sys.executable, "-m", "resnet_dist.evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last")]
+    cmd += ["--data", str(tmp_path / "index"), "--split", "test", "--num-workers", "0", "--out", str(tmp_path / "e")]
+    ok(subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=300))
+    assert read_json(tmp_path / "e" / "eval.json")["count"] == 20
 
 
 # --- without training ---------------------------------------------------------------------------------------
