@@ -317,18 +317,21 @@ def problem(scan: Scan, args, file: str, key: str, reason: str) -> None:
 
 @dataclass
 class Quota:
-    """How many images of each train shard feed mean/std: what is still wanted, spread evenly over the shards
-    still to come (a short shard's shortfall passes on), so `wanted` are taken whenever there are that many."""
+    """How many images of each train shard feed mean/std: what is still wanted, spread evenly over the train
+    shards still to come, a short shard's shortfall passing on (only short shards at the end leave it under)."""
 
     wanted: int  # 0: every image
     files: set[str]
     done: int = 0  # train shards seen
 
+    def __post_init__(self):
+        self.every = self.wanted == 0
+
     def take(self, file: str, count: int) -> int:
         if file not in self.files:
             return 0
         self.done += 1
-        if not self.wanted:
+        if self.every:
             return count
         share = min(count, -(-self.wanted // (len(self.files) - self.done + 1)))
         self.wanted -= share

@@ -21,7 +21,7 @@ from helpers import ROOT, ok, read_json, run_env, shard, train
 from PIL import Image
 
 from resnet_dist.bench.photos import photo_jpegs
-from resnet_dist.foreign import assign_splits, parse_split_args, raw_label, split_of_name
+from resnet_dist.foreign import Quota, assign_splits, parse_split_args, raw_label, split_of_name
 from resnet_dist.index import shards_at
 from resnet_dist.storage import read_index
 from resnet_dist.tars import parse_table, sample_label
@@ -299,3 +299,11 @@ def test_natural_images_differ_in_size(tmp_path):
     """The fixtures' premise: the images vary in size, so training goes through the crop path."""
     sizes = {Image.open(io.BytesIO(j)).size for j, _ in photos(10, seed=1)}
     assert len(sizes) > 5 and np.array(list(sizes)).max() <= 100
+
+
+def test_the_mean_std_sample_is_bounded_and_spread_over_the_train_shards():
+    quota = Quota(2, {"a", "b", "c"})
+    assert [quota.take(f, 20) for f in ("a", "v", "b", "c")] == [1, 0, 1, 0]  # v: not a train shard
+    quota = Quota(30, {"a", "b", "c"})
+    assert [quota.take(f, n) for f, n in (("a", 5), ("b", 20), ("c", 20))] == [5, 13, 12]  # a's shortfall passes on
+    assert [Quota(0, {"a", "b"}).take(f, 7) for f in ("a", "b")] == [7, 7]  # 0: every image
