@@ -8,12 +8,15 @@ headers, a shard cut short.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import pickle
 import shutil
 import subprocess
 import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from resnet_dist import shard as shard_module
 from resnet_dist.data import Lost, Piece, read_piece
 from resnet_dist.errors import DataError
 from resnet_dist.index import load_index
+from resnet_dist.storage import read_index
 from resnet_dist.tars import sample_table, tar_groups
 
 
@@ -188,6 +192,26 @@ def test_a_table_of_another_shard_version_is_not_trusted(copy):
     damage_images(copy, "train-000000.tar", [3])
     got = read_all(copy)
     assert all(isinstance(s, Lost) and "another version" in s.reason for s in got)
+
+
+def test_over_http_the_table_comes_from_beside_index_json(copy):
+    """The loader fetches the table by the same storage layer as the shard: a real server on 127.0.0.1."""
+    keys = damage_images(copy, "train-000000.tar", [7])
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(copy)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        info = read_index(base).splits["train"].shards[0]
+        got = read_piece(base, Piece(info, 0, info.num_samples), False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [s.reason.split(" (from")[0] for s in got if isinstance(s, Lost)] == [f"train-000000.tar: sample {keys[0]}"]
+
+
+class Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
 
 
 # --- verify ---------------------------------------------------------------------------------------
