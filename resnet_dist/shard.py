@@ -1162,7 +1162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vp = OneLineParser(
             prog="python -m resnet_dist.shard verify", description="Re-read every shard of a packed folder."
         )
-        vp.add_argument("dir", help="folder or URL holding index.json (and the shards, unless it names shard_base)")
+        vp.add_argument("dir", help="folder holding index.json, or its URL (and the shards, unless shard_base)")
         folder = vp.parse_args(argv[1:]).dir
         problems = verify(folder)
         for p in problems:
