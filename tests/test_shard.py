@@ -569,7 +569,8 @@ def test_existing_shards_refused_without_overwrite(tmp_path):
     (out / "notes.txt").write_text("mine")
     pack("synthetic", "--num-samples", "40", "--image-size", "4", "--out", out, "--overwrite")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["index.json", "notes.txt", "test-000000.tar", "train-000000.tar"]  # stale shards gone
+    tables = ["test-000000.tar.samples.json", "train-000000.tar.samples.json"]
+    assert names == sorted(["index.json", "notes.txt", "test-000000.tar", "train-000000.tar", *tables])  # none stale
 
 
 def test_interrupted_write_leaves_no_index(tmp_path, monkeypatch):
@@ -588,7 +589,8 @@ def test_interrupted_write_leaves_no_index(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pack("synthetic", "--num-samples", "40", "--image-size", "4", "--shard-size", "5", "--out", out, "--overwrite")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["train-000000.tar", "train-000001.tar"]  # no index, no temporary file
+    # no index, no temporary file; each finished shard with its per-sample table
+    assert names == [f"train-00000{i}.tar{t}" for i in (0, 1) for t in ("", ".samples.json")]
 
 
 # --- verify ---------------------------------------------------------------------------------------
@@ -632,14 +634,14 @@ def test_verify_names_each_problem(tmp_path):
     obj["num_classes"] = 1
     (out / "index.json").write_text(json.dumps(obj))
     problems = shard.verify(out)
-    assert "train-000002.tar: missing" in problems
-    assert any("cls 2 outside 0..0" in p for p in problems)
+    assert any(p.startswith("train-000002.tar: missing") for p in problems)
+    assert any("cls label 2 outside 0..0" in p for p in problems)
 
 
 def test_verify_without_index_exits_2(tmp_path):
     result = cli("verify", tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: ") and "index.json not found" in result.stderr
+    assert result.stderr.startswith("error: ") and "index.json: not found" in result.stderr
 
 
 # --- bad input on the command line ----------------------------------------------------------------
