@@ -54,6 +54,7 @@ from resnet_dist.sources import READERS, SOURCES, Sample, Source, Split, iter_sa
 from resnet_dist.storage import read_bytes, read_index
 from resnet_dist.tars import (
     IMAGE_EXTS,
+    SIDECAR_RE,
     Group,
     SampleTable,
     sample_digest,
@@ -81,7 +82,6 @@ FILE_SOURCES = ("tiny-imagenet", "imagefolder", "imagenet")  # sources of encode
 RESIZABLE = ("imagefolder", "imagenet")  # sources of images of any size (--max-size)
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 SHARD_RE = re.compile(r"^.+-\d{6}\.tar$")
-SIDECAR_RE = re.compile(r"^.+-\d{6}\.tar\.samples\.json$")
 TMP_RE = re.compile(r"^\..+\.tar(\.samples\.json\..+)?\.tmp$")  # a shard or its table, still being written
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 JPEG_NAMES = ("jpg", "jpeg")
@@ -508,7 +508,7 @@ class ShardWriter:
         self.file.close()
         final = self.folder / self.tmp.name[1 : -len(".tmp")]
         self.table.shard, self.table.shard_sha256 = final.name, self.sha.hexdigest()
-        table = write_json_atomic(self.folder / sidecar_name(final.name), self.table.to_json())
+        table = write_json_atomic(self.folder / sidecar_name(self.sha.hexdigest()), self.table.to_json())
         os.replace(self.tmp, final)
         self.shards.append(ShardInfo(final.name, self.count, self.sha.hexdigest(), self.offset, table.name))
         self.file = self.tmp = None

@@ -113,12 +113,9 @@ def test_hf_datasets_reads_fashion_mnist_shards(fashion, tmp_path):
     assert loaded[0]["png"].mode == "L"
 
 
-def test_hf_datasets_given_the_folder_must_be_given_its_tars(synthetic, tmp_path):
-    """docs/shard-format.md says so: a `*.tar` glob per split works; `data_dir=` hands the builder every file
-    whose name holds a split name, per-sample tables (train-000000.tar.samples.json) included, and it fails
-    reading one of those as a tar. If this starts to pass, the docs' warning can go."""
-    files = {s: f"{synthetic}/{s}-*.tar" for s in ("train", "test")}
-    loaded = read_with_datasets(files, tmp_path / "glob")
-    assert loaded["train"].num_rows == load_index(synthetic).splits["train"].num_samples
-    with pytest.raises(datasets.exceptions.DatasetGenerationError):
-        datasets.load_dataset("webdataset", data_dir=str(synthetic), cache_dir=str(tmp_path / "dir"))
+def test_hf_datasets_reads_the_shard_folder_itself(synthetic, tmp_path):
+    """`data_dir=` hands the builder every file whose name holds a split name: per-sample tables are named by
+    content (samples-HEX.json), never by split, so the folder as it is loads, with every sample."""
+    loaded = datasets.load_dataset("webdataset", data_dir=str(synthetic), cache_dir=str(tmp_path / "dir"))
+    index = load_index(synthetic)
+    assert {s: loaded[s].num_rows for s in loaded} == {s: index.splits[s].num_samples for s in ("train", "test")}

@@ -33,8 +33,12 @@ from resnet_dist.storage import read_index
 from resnet_dist.tars import sample_table, tar_groups
 
 
+def table_name(folder: Path, shard_file: str) -> str:
+    return next(s.samples for split in load_index(folder).splits.values() for s in split.shards if s.file == shard_file)
+
+
 def table_of(folder: Path, shard_file: str) -> dict:
-    return json.loads((folder / f"{shard_file}.samples.json").read_text())
+    return json.loads((folder / table_name(folder, shard_file)).read_text())
 
 
 def flip(path: Path, start: int, count: int = 8) -> None:
@@ -79,7 +83,7 @@ def test_each_shard_has_a_table_that_describes_it_exactly(packed):
     index = load_index(packed)
     for split in index.splits.values():
         for info in split.shards:
-            assert info.samples == f"{info.file}.samples.json"
+            assert info.samples == f"samples-{info.sha256[:16]}.json"
             data = (packed / info.file).read_bytes()
             written = table_of(packed, info.file)
             # The writer records offsets as it writes; reading the finished tar back must agree.
@@ -175,12 +179,12 @@ def test_strict_names_the_first_damaged_sample(copy):
 
 def test_without_a_table_a_changed_shard_is_lost_whole_as_before(copy):
     """Indexes written before the tables (format 2) keep their behaviour."""
+    damage_images(copy, "train-000000.tar", [3])
     obj = json.loads((copy / "index.json").read_text())
     for split in obj["splits"].values():
         for entry in split["shards"]:
             del entry["samples"]
     (copy / "index.json").write_text(json.dumps(obj))
-    damage_images(copy, "train-000000.tar", [3])
     got = read_all(copy)
     assert all(isinstance(s, Lost) and "sha256 differs" in s.reason for s in got)
 
@@ -188,7 +192,7 @@ def test_without_a_table_a_changed_shard_is_lost_whole_as_before(copy):
 def test_a_table_of_another_shard_version_is_not_trusted(copy):
     table = table_of(copy, "train-000000.tar")
     table["shard_sha256"] = "0" * 64
-    (copy / "train-000000.tar.samples.json").write_text(json.dumps(table))
+    (copy / table_name(copy, "train-000000.tar")).write_text(json.dumps(table))
     damage_images(copy, "train-000000.tar", [3])
     got = read_all(copy)
     assert all(isinstance(s, Lost) and "another version" in s.reason for s in got)
@@ -243,9 +247,9 @@ DIGEST = " (its bytes differ from its digest)"
 def test_verify_catches_a_table_that_does_not_describe_its_shard(copy):
     table = table_of(copy, "train-000000.tar")
     table["origins"][0], table["offsets"][1] = "elsewhere", table["offsets"][1] + 512
-    (copy / "train-000000.tar.samples.json").write_text(json.dumps(table))
+    (copy / table_name(copy, "train-000000.tar")).write_text(json.dumps(table))
     assert shard_module.verify(copy) == [
-        "train-000000.tar: its per-sample table train-000000.tar.samples.json does not describe it"
+        f"train-000000.tar: its per-sample table {table_name(copy, 'train-000000.tar')} does not describe it"
     ]
 
 

@@ -27,6 +27,7 @@ import fabricate  # noqa: E402
 from resnet_dist import shard  # noqa: E402
 from resnet_dist.errors import DataError  # noqa: E402
 from resnet_dist.index import load_index  # noqa: E402
+from resnet_dist.tars import SIDECAR_RE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -569,7 +570,7 @@ def test_existing_shards_refused_without_overwrite(tmp_path):
     (out / "notes.txt").write_text("mine")
     pack("synthetic", "--num-samples", "40", "--image-size", "4", "--out", out, "--overwrite")
     names = sorted(p.name for p in out.iterdir())
-    tables = ["test-000000.tar.samples.json", "train-000000.tar.samples.json"]
+    tables = sorted(s.samples for split in load_index(out).splits.values() for s in split.shards)
     assert names == sorted(["index.json", "notes.txt", "test-000000.tar", "train-000000.tar", *tables])  # none stale
 
 
@@ -590,7 +591,9 @@ def test_interrupted_write_leaves_no_index(tmp_path, monkeypatch):
         pack("synthetic", "--num-samples", "40", "--image-size", "4", "--shard-size", "5", "--out", out, "--overwrite")
     names = sorted(p.name for p in out.iterdir())
     # no index, no temporary file; each finished shard with its per-sample table
-    assert names == [f"train-00000{i}.tar{t}" for i in (0, 1) for t in ("", ".samples.json")]
+    tars = [n for n in names if n.endswith(".tar")]
+    tables = [n for n in names if SIDECAR_RE.match(n)]
+    assert tars == ["train-000000.tar", "train-000001.tar"] and len(tables) == 2 and len(names) == 4
 
 
 # --- verify ---------------------------------------------------------------------------------------
