@@ -157,6 +157,17 @@ def exists(base: str, name: str) -> bool:
     return bool(_call(f"{base.rstrip('/')}/{name}", lambda: fs.exists(f"{root}/{name}")))
 
 
+def check_bucket(base: str) -> None:
+    """DataError unless the bucket (container) of `base` exists: found before packing, not after it."""
+    scheme = scheme_of(base)
+    if scheme == "hf":
+        return  # a Hub repository is created on the Hub; writing into a missing one fails at the first upload
+    fs, root = filesystem(base)
+    bucket = root.split("/", 1)[0]
+    if not _call(f"{scheme}://{bucket}", lambda: fs.exists(bucket)):
+        raise DataError(f"{scheme}://{bucket}: no such bucket (or no permission to see it); create it first")
+
+
 def put(base: str, name: str, local_path: str) -> None:
     """Upload one file. An object store shows an object whole or not at all (a multipart upload too,
     once completed), so no temporary name is needed."""

@@ -31,6 +31,7 @@ import socket
 import struct
 import tempfile
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ACCESS_KEY = "resnet-dist-test-key"
@@ -257,6 +258,10 @@ class S3Server:
     def make_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
+
+    def new_bucket(self, prefix: str = "bucket") -> str:
+        """A fresh bucket with a unique name: moto keeps its state for the whole session."""
+        return self.make_bucket(f"{prefix}-{uuid.uuid4().hex[:10]}")
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, int]:
         """{key: size} of every object under `prefix`."""
