@@ -27,6 +27,8 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # "s3:/bucket/x": a URL whose '//' a shell, a Path() or a join turned into one slash. Two letters at least,
 # so a Windows drive ("C:/data") is not taken for one.
 _ONE_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
+# "s3:bucket/x": a scheme we serve, with its slashes lost altogether.
+_NO_SLASH = re.compile(r"^(s3|gs|gcs|az|abfs|hf|https?|file):(?!//)", re.IGNORECASE)
 
 
 def scheme_of(base: str) -> str | None:
@@ -67,11 +69,11 @@ def check_location(base: str, flag: str = "location") -> str:
     base = str(base)
     scheme = scheme_of(base)
     if scheme is None:
-        one = _ONE_SLASH.match(base)
+        one = _ONE_SLASH.match(base) or _NO_SLASH.match(base)
         if one:
             name = one.group(1)
             raise UsageError(
-                f"{flag} {base}: looks like a URL with one slash after '{name}:'; write {name}://... "
+                f"{flag} {base}: looks like a URL with a slash missing after '{name}:'; write {name}://... "
                 f"(or ./{base} for a local folder of that name)"
             )
         return base

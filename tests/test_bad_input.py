@@ -46,6 +46,11 @@ TRAIN_CASES = [
     ([*T, "--wandb-mode", "cloud"], "argument --wandb-mode: invalid choice: 'cloud'"),
     ([*T, "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     ([*T, "stray"], "unrecognized arguments: stray"),
+    # Locations: a URL is never taken for a local folder name (Path("s3://b/x") is the folder s3:/b/x).
+    (["--data", "s3:/bkt/x", "--out", "OUT"], "--data s3:/bkt/x: looks like a URL with a slash missing after 's3:'"),
+    (["--data", "ftp://host/x", "--out", "OUT"], "--data ftp://host/x: unsupported scheme 'ftp://' (supported: "),
+    (["--data", "s3://AKIAX:hunter2@bkt/x", "--out", "OUT"], "s3://...@bkt/...: a URL must not carry credentials"),
+    (["--data", "DATA", "--out", "s3://bkt/run"], "the run folder must be on this machine's file system"),
 ]
 
 SHARD_CASES = [
@@ -77,6 +82,18 @@ VERIFY_CASES = [
     (["verify"], "the following arguments are required: dir"),
     (["verify", "ROOT", "ROOT"], "unrecognized arguments: "),
     (["verify", "ROOT", "--deep"], "unrecognized arguments: --deep"),
+    (["verify", "ftp://host/x"], "verify ftp://host/x: unsupported scheme 'ftp://'"),
+    (["verify", "gs:/bkt/x"], "verify gs:/bkt/x: looks like a URL with a slash missing after 'gs:'"),
+]
+
+SHARD_OUT_CASES = [
+    ("s3:/bkt/x", "--out s3:/bkt/x: looks like a URL with a slash missing after 's3:'; write s3://..."),
+    ("s3:bkt/x", "--out s3:bkt/x: looks like a URL"),
+    ("ftp://host/x", "--out ftp://host/x: unsupported scheme 'ftp://' (supported: a local path, file://"),
+    ("webdav://host/x", "unsupported scheme 'webdav://'"),
+    ("https://host/x", "--out https://host/x: cannot write to an http(s) URL"),
+    ("s3://AKIAX:hunter2@bkt/x", "--out s3://...@bkt/...: a URL must not carry credentials"),
+    ("s3://", "--out s3://: names no bucket or repository"),
 ]
 
 
@@ -103,7 +120,7 @@ def assert_one_error_line(code: int, err: str, message: str) -> None:
 
 
 def test_the_table_is_big_enough():
-    assert len(TRAIN_CASES) + len(SHARD_CASES) + len(VERIFY_CASES) >= 45
+    assert len(TRAIN_CASES) + len(SHARD_CASES) + len(VERIFY_CASES) + len(SHARD_OUT_CASES) >= 45
 
 
 @pytest.mark.parametrize("argv,message", TRAIN_CASES)
@@ -124,6 +141,14 @@ def test_train_wrong_data_folder(tmp_path, capsys):
 def test_shard_bad_invocation(argv, message, tmp_path, capsys):
     argv = [*argv, "--out", str(tmp_path / "out")] if argv else argv
     assert_one_error_line(*invoke(shard_main, argv, tmp_path, capsys), message)
+
+
+@pytest.mark.parametrize("out,message", SHARD_OUT_CASES)
+def test_shard_bad_out_location(out, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = invoke(shard_main, ["synthetic", "--num-samples", "20", "--out", out], tmp_path, capsys)
+    assert_one_error_line(code, err, message)
+    assert "hunter2" not in err and list(tmp_path.iterdir()) == []  # no local folder named after the URL
 
 
 @pytest.mark.parametrize("argv,message", VERIFY_CASES)
