@@ -37,6 +37,9 @@ _ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCE_", "AZURE_", "HF_", "HUGGING_FACE_")
 _SHORT_BODY = {"ClientPayloadError", "ContentLengthError", "IncompleteRead", "IncompleteReadError"}
 _SHORT_BODY |= {"ResponseStreamingError"}
 
+# botocore's "found no credentials at all" (no key in the environment, no ~/.aws, no role): not retried.
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+
 _clients: dict[tuple, object] = {}
 
 
@@ -88,6 +91,8 @@ def _error(url: str, exc: BaseException, tries: int) -> DataError:
     cause = _cause(exc)
     if isinstance(exc, FileNotFoundError):
         return DataError(f"{url}: not found ({cause})")
+    if any(cls.__name__ in _NO_CREDENTIALS for cls in type(exc).__mro__):
+        return DataError(f"{url}: no credentials ({cause}): give them as docs/storage.md says for {scheme_of(url)}://")
     if isinstance(exc, PermissionError):
         return DataError(f"{url}: access denied ({cause}): check the credentials for {scheme_of(url)}://")
     # Anything else reached us after the backend's own retries (max_attempts for s3) ran out.

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from resnet_dist.errors import DataError, UsageError
+from resnet_dist.filesafe import fsync_dir
 from resnet_dist.index import DatasetIndex, ShardInfo, parse_index, shards_at
 from resnet_dist.locations import check_location, local_path, scheme_of
 
@@ -66,9 +67,9 @@ def is_remote(base: str) -> bool:
 def _join(base: str, name: str) -> str:
     if is_url(base):
         return f"{base.rstrip('/')}/{urllib.parse.quote(name)}"
-    if scheme_of(base) is not None:
-        return f"{base.rstrip('/')}/{name}"
-    return str(Path(local_path(base)) / name)
+    if scheme_of(base) in (None, "file"):
+        return str(Path(local_path(base)) / name)
+    return f"{base.rstrip('/')}/{name}"
 
 
 # --- settings -------------------------------------------------------------------------------------
@@ -315,6 +316,7 @@ def write_file(base: str, name: str, local_file: str | Path) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise DataError(f"{dest}: cannot write ({exc.strerror or exc})") from None
+    fsync_dir(dest.parent, best_effort=True)
 
 
 def remove_file(base: str, name: str) -> None:

@@ -139,6 +139,8 @@ def test_bad_credentials_are_one_line(s3, s3_shards):
     result = cli(["verify", s3_shards], {**s3.env, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG"})
     err = one_line(result, 2, "access denied")
     assert "Access Key Id you provided does not exist" in err and f"{s3_shards}/index.json" in err
+    nothing = {**s3.env, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    one_line(cli(["verify", s3_shards], nothing), 2, f"{s3_shards}/index.json: no credentials (Unable to locate")
 
 
 def test_training_streams_from_s3_and_no_secret_is_written(s3, s3_shards, tmp_path):
@@ -200,6 +202,17 @@ def test_a_missing_backend_names_its_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "adlfs" else real(name, *a))
     with pytest.raises(UsageError, match=r"az:// needs adlfs: pip install 'resnet-dist\[azure\]'"):
         storage.check_location("az://container/x", "--data")
+
+
+def test_file_urls_and_plain_paths_are_the_same_folder(synthetic_shards, tmp_path):
+    url = synthetic_shards.as_uri()  # file:///...
+    assert not storage.is_remote(url) and storage.is_remote("s3://b/x") and storage.is_remote("https://h/x")
+    assert storage.read_index(url) == storage.read_index(str(synthetic_shards))
+    assert storage.list_files(url) == storage.list_files(str(synthetic_shards))
+    storage.write_file((tmp_path / "copy").as_uri(), "index.json", synthetic_shards / "index.json")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["index.json"]  # no temporary left
+    with pytest.raises(DataError, match="cannot list a folder"):
+        storage.list_files("https://example.invalid/shards")
 
 
 # --- gs:// and hf:// through fsspec ---------------------------------------------------------------------
