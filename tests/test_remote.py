@@ -153,17 +153,29 @@ def test_training_streams_from_s3_and_no_secret_is_written(s3, s3_shards, tmp_pa
     out = tmp_path / "run"
     args = ["--data", s3_shards, "--out", str(out), "--epochs", "1", "--width", "8", "--batch-size", "8"]
     env = {**s3.env, "RESNET_DIST_HTTP_BACKOFF": "0.01"}
-    result = ok(train(*args, "--lr", "0.05", "--num-workers", "1", "--wandb-mode", "offline", env=env, timeout=400))
+    trained = ok(train(*args, "--lr", "0.05", "--num-workers", "1", "--wandb-mode", "offline", env=env, timeout=400))
     index = storage.read_index(s3_shards)
     summary = read_json(out / "summary.json")
     assert summary["eval_counts"]["val"] == index.splits["val"].num_samples
     assert summary["lost_eval_samples"]["val"] == 0 and summary["lost_train_samples"] == 0
     assert read_json(out / "config.json")["data"] == s3_shards
-    secret = s3.SECRET_KEY.encode()
-    leaks = [p for p in out.rglob("*") if p.is_file() and secret in p.read_bytes()]
-    assert leaks == [] and s3.SECRET_KEY not in result.stdout + result.stderr
     gets = [p for m, p, status in s3.log if m == "GET" and p.endswith(".tar")]
     assert f"{prefix}/train-000000.tar" in gets and f"{prefix}/train-000001.tar" in gets
+    # The evaluate command reads the same URL: every val sample, none lost, the run's own val accuracy.
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "resnet_dist.evaluate", "--checkpoint", str(out), "--data", s3_shards, "--split", "val"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=run_env(**s3.env),
+    )
+    ok(evaluated)
+    result = read_json(out / "eval-val" / "eval.json")
+    assert result["count"] == result["expected_count"] == index.splits["val"].num_samples and result["lost"] == 0
+    secret = s3.SECRET_KEY.encode()
+    leaks = [p for p in out.rglob("*") if p.is_file() and secret in p.read_bytes()]  # W&B offline files too
+    assert leaks == [] and s3.SECRET_KEY not in trained.stdout + trained.stderr + evaluated.stdout + evaluated.stderr
 
 
 # --- failed local writes ------------------------------------------------------------------------------
