@@ -5,17 +5,20 @@ business (environment, ~/.aws, application default credentials, the HF token): n
 or prints them, so they cannot reach config.json, a log or W&B.
 
 Retries. We configure the backend's own machinery rather than wrapping a loop around it:
-- s3://: botocore's "standard" retry mode with max_attempts = RESNET_DIST_HTTP_RETRIES (total tries, as for
-  http) and connect/read timeouts = RESNET_DIST_HTTP_TIMEOUT. botocore retries what a store answers while
+- s3://: botocore's "standard" retry mode with total_max_attempts = RESNET_DIST_HTTP_RETRIES (all tries, as
+  for http) and connect/read timeouts = RESNET_DIST_HTTP_TIMEOUT. botocore retries what a store answers while
   it is busy or restarting: 5xx (503 SlowDown included), 429 and the other throttling codes, connections
   refused or reset, timeouts, with capped exponential backoff and jitter.
-  s3fs wraps its own loop (`S3FileSystem.retries`, 5) around every botocore call AND a second one around
-  each whole-object read, so a persistent 503 would cost 5 x 5 x max_attempts requests; we set it to 1.
+  s3fs runs its own loop (`S3FileSystem.retries`, 5 tries) around every botocore call, retrying SlowDown and
+  connection errors again: a persistent 503 would cost 5 x N requests (measured: 2 x 4 with retries=2 and
+  4 botocore tries). We set it to 1, so N tries are exactly N requests (measured).
 - A body cut short is the one transient fault botocore cannot retry: it has returned the response before
   the body is read. aiohttp notices (ClientPayloadError "Not enough data to satisfy content length") and
-  `_whole` re-requests the object, up to the same number of tries with the same backoff as http.
-- gs://, az://, hf://: their clients' own retry policies, unchanged (gcsfs retries 5xx/429 itself; adlfs
-  uses azure-core's retry policy; huggingface_hub retries 429/5xx); only a body cut short is retried here.
+  `_call` re-requests the object, up to the same number of tries with the same backoff as http.
+- gs://, az://, hf://: their clients' own retry policies, unchanged and not tested here: gcsfs retries
+  5xx and 429 (6 tries, gcsfs/retry.py); adlfs leaves it to the azure-storage-blob client's default policy;
+  HfFileSystem retries 408/429/5xx where it goes through huggingface_hub's http_backoff. Only a body cut
+  short is retried here, as for s3.
 """
 
 from __future__ import annotations
