@@ -512,7 +512,7 @@ class ShardWriter:
 
 def write_error(folder: Path, exc: OSError) -> DataError:
     """One line for a write the disk refused (full, over quota, file too large, permission, read-only)."""
-    return DataError(f"--out {folder}: cannot write ({exc.strerror or exc}); nothing of this run is left there")
+    return DataError(f"{folder}: cannot write ({exc.strerror or exc}); nothing of this run is left there")
 
 
 def remove_outputs(folder: Path) -> None:
