@@ -271,3 +271,20 @@ def test_gs_and_hf_read_write_list_through_fsspec(base, memory_as, synthetic_sha
     with pytest.raises(DataError, match="shard listed in index.json is missing"):
         storage.remove_file(base, index.splits["val"].shards[0].file)
         storage.check_shards(base, index, ["val"])
+
+
+def test_shard_index_reads_foreign_shards_from_s3(s3, tmp_path):
+    """Shards another tool wrote, already in a bucket: `shard index s3://...` lists and reads them there and
+    writes index.json (and the per-sample tables) into a local --out that names the bucket as shard_base."""
+    from test_foreign import check_index, webdataset_shards
+
+    local = webdataset_shards(tmp_path / "wds")
+    bucket = s3.new_bucket("foreign")
+    for path in sorted(local.iterdir()):
+        s3.client().upload_file(str(path), bucket, f"wds/{path.name}")
+    base = f"s3://{bucket}/wds"
+    ok(cli(["index", base, "--out", str(tmp_path / "idx")], s3.env))
+    check_index(tmp_path / "idx", base, {"train": 48, "val": 19})
+    gets = [path for method, path, _ in s3.log if method == "GET" and path.endswith(".tar")]
+    assert sorted(gets) == sorted(f"/{bucket}/wds/{p.name}" for p in local.iterdir())  # each shard read once
+    assert s3.objects(bucket, "wds/").keys() == {f"wds/{p.name}" for p in local.iterdir()}  # nothing written there
