@@ -214,3 +214,59 @@ def test_usr1_checkpoints_exits_cleanly_requeues_and_the_requeued_job_resumes(da
     summary = read_json(out / "summary.json")
     assert summary["steps_done"] == 1800 // 32 and summary["epochs_done"] == 1
     assert [line for line in log.read_text().splitlines() if "requeue" in line] == ["requeue 4242"]  # not again
+
+
+# The batch script's trap alone: srun is a stand-in that waits, no training ---------------------------------
+
+WAITING_SRUN = """#!/bin/bash
+echo "srun $*" >> "$FAKE_LOG"
+trap 'echo "srun got USR1" >> "$FAKE_LOG"; kill $! 2>/dev/null; exit 0' USR1
+sleep "${FAKE_SLEEP:-60}" & wait $!
+exit 3
+"""
+
+
+def trap_only(tmp_path: Path, with_scontrol: bool, usr1: bool) -> tuple[int, str, str]:
+    bin_ = tmp_path / ("bin" if with_scontrol else "bin-no-scontrol")
+    bin_.mkdir()
+    (bin_ / "srun").write_text(WAITING_SRUN)
+    if with_scontrol:
+        (bin_ / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$FAKE_LOG"\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    log = tmp_path / "log"
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "FAKE_LOG": str(log), "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(ROOT)}
+    env["FAKE_SLEEP"] = "60" if usr1 else "0"
+    proc = subprocess.Popen(
+        ["bash", str(SBATCH), "--data", "x y"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    if usr1:
+        deadline = time.time() + 30
+        while not (log.exists() and log.read_text().startswith("srun")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the stand-in's trap is set right after its first line
+        os.kill(proc.pid, signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    return proc.returncode, log.read_text(), err
+
+
+def test_the_trap_forwards_usr1_to_srun_and_requeues(tmp_path):
+    code, log, err = trap_only(tmp_path, with_scontrol=True, usr1=True)
+    assert code == 0, err
+    assert log.splitlines() == [
+        "srun --kill-on-bad-exit=1 launch/slurm_node.sh --data x y",
+        "srun got USR1",
+        "scontrol requeue 4242",
+    ]
+    assert "requeued job 4242 (srun exit 0)" in err
+
+
+def test_without_scontrol_the_script_says_it_did_not_requeue(tmp_path):
+    code, log, err = trap_only(tmp_path, with_scontrol=False, usr1=True)
+    assert code == 0 and "srun got USR1" in log
+    assert "no scontrol here: not requeued; submit the same command again to resume (srun exit 0)" in err
+
+
+def test_without_usr1_the_script_exits_as_srun_did_and_does_not_requeue(tmp_path):
+    code, log, err = trap_only(tmp_path, with_scontrol=True, usr1=False)
+    assert code == 3 and "requeue" not in log and err == ""
