@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, read_json
-from test_multinode import TINY, cluster_env, free_port
+from helpers import ROOT, cluster_env, free_port, read_json
 
 from resnet_dist.config import parse_args
 
+TINY = ["--width", "8", "--batch-size", "16", "--lr", "0.05", "--num-workers", "1", "--wandb-mode", "disabled"]
 MANIFEST = ROOT / "launch" / "k8s-pytorchjob.yaml"
 
 
@@ -81,8 +81,8 @@ def pod(job: dict, port: int, logs: Path, name: str, args: list[str]) -> subproc
         **{e["name"]: e["value"] for e in box["env"]} | {"ACCELERATE_MIXED_PRECISION": "no"},  # bf16 is for GPUs
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "launch" / "train.py"), *args]
-    out, err = (logs / f"{name}.out").open("w"), (logs / f"{name}.err").open("w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
+    with (logs / f"{name}.out").open("w") as out, (logs / f"{name}.err").open("w") as err:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
 
 
 @pytest.mark.slow

@@ -13,31 +13,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TRAIN, read_json, run_env
+from helpers import PORT_TAKEN, ROOT, TRAIN, cluster_env, free_port, read_json
 
 pytestmark = pytest.mark.slow
 MULTI_NODE = ROOT / "accelerate_configs" / "multi_node.yaml"
-PORT_TAKEN = ("another process is utilizing it", "EADDRINUSE")
 TINY = ["--width", "8", "--batch-size", "16", "--lr", "0.05", "--num-workers", "1", "--wandb-mode", "disabled"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cluster_env(**extra) -> dict:
-    """run_env without PET_STANDALONE: standalone is a one-node rendezvous on a port of its own choosing."""
-    env = run_env(OMP_NUM_THREADS="1", **extra)
-    env.pop("PET_STANDALONE", None)
-    return env
 
 
 def node(rank: int, port: int, logs: Path, args: list[str]) -> subprocess.Popen:
@@ -50,8 +35,8 @@ def node(rank: int, port: int, logs: Path, args: list[str]) -> subprocess.Popen:
         *(str(TRAIN), *args),
     ]
     # Files, not pipes: a pipe nobody reads while the other node is awaited can fill and stall a node.
-    out, err = (logs / f"node{rank}.out").open("w"), (logs / f"node{rank}.err").open("w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=cluster_env(), stdout=out, stderr=err, start_new_session=True)
+    with (logs / f"node{rank}.out").open("w") as out, (logs / f"node{rank}.err").open("w") as err:
+        return subprocess.Popen(cmd, cwd=ROOT, env=cluster_env(), stdout=out, stderr=err, start_new_session=True)
 
 
 def read(logs: Path, rank: int, stream: str) -> str:

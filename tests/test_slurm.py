@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, ok, read_json, shard
-from test_multinode import PORT_TAKEN, TINY, cluster_env, free_port
+from helpers import PORT_TAKEN, ROOT, cluster_env, free_port, ok, read_json, shard
 
 from resnet_dist.checkpoint import find_checkpoint, load_checkpoint
 
+TINY = ["--width", "8", "--batch-size", "16", "--lr", "0.05", "--num-workers", "1", "--wandb-mode", "disabled"]
 SLURM_ARGS = ROOT / "launch" / "slurm_args.py"
 SBATCH = ROOT / "launch" / "slurm.sbatch"
 MULTI_NODE = ROOT / "accelerate_configs" / "multi_node.yaml"
