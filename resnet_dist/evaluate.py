@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from resnet_dist.augment import BatchAugment
+from resnet_dist.cache import ENV_CACHE, cache_line, check_limit, is_remote, make_cache
 from resnet_dist.checkpoint import find_checkpoint, load_weights
 from resnet_dist.config import TrainConfig
 from resnet_dist.crops import eval_crop_spec
@@ -31,7 +32,7 @@ from resnet_dist.distributed import await_peers, check_world_size, end_run
 from resnet_dist.engine import evaluate
 from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
 from resnet_dist.filesafe import save_figure, write_json_atomic
-from resnet_dist.index import DatasetIndex
+from resnet_dist.index import DatasetIndex, shards_at
 from resnet_dist.models import build_model
 from resnet_dist.storage import check_shards, read_index
 
@@ -218,6 +219,8 @@ def print_results(result: dict) -> None:
     )
     console.print(table)
     console.print(head)
+    if is_remote(result["data"]):
+        console.print(cache_line(result["cache"]))
     for problem in sorted(set(result["problems"])):
         console.print(f"warning: {problem}")
     console.print(f"wrote {Path(result['out']) / 'eval.json'} and {Path(result['out']) / 'confusion.png'}")
@@ -246,7 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval-SPLIT[-tta])")
     parser.add_argument("--batch-size", type=int, default=256, help="images per process per batch (default: 256)")
     parser.add_argument("--num-workers", type=int, default=2, help="loader worker processes per process (default: 2)")
+    add_cache_args(parser)
     return parser
+
+
+def add_cache_args(parser: argparse.ArgumentParser) -> None:
+    """The shard cache flags, as train has them (resnet_dist.config)."""
+    parser.add_argument(
+        "--cache-dir",
+        default="",
+        help=f"folder of the shard cache for remote --data (default: ${ENV_CACHE}, else ~/.cache/resnet-dist)",
+    )
+    parser.add_argument(
+        "--cache-limit",
+        type=float,
+        default=0.0,
+        help="GB the shard cache may hold, least-recently-used shards beyond it are deleted (default: 0, no limit)",
+    )
+    parser.add_argument("--no-cache", dest="cache", action="store_false", help="download remote shards each time")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -255,6 +275,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UsageError(f"--batch-size must be positive (got {args.batch_size})")
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0 (got {args.num_workers})")
+    check_limit(args.cache_limit)
     return args
 
 
@@ -267,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--split {args.split}: {args.data} has splits {', '.join(sorted(index.splits))}")
     model = load_model(checkpoint, meta, index, args.data)
     check_shards(args.data, index, [args.split])
+    cache = make_cache(shards_at(args.data, index), args.cache, args.cache_dir, args.cache_limit)
     suffix = "-tta" if args.tta == "flip" else ""
     out = Path(args.out) if args.out else run_folder_of(checkpoint) / f"eval-{args.split}{suffix}"
 
@@ -286,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         world_size=accelerator.num_processes,
         train=False,
         crop=eval_crop_spec(cfg, index.image_size),
+        cache=cache,
     )
     # The model saw the mean/std of the shards it was trained on: normalise with those.
     augment = BatchAugment(
@@ -316,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "classes": index.classes,
         "confusion": metrics["confusion"],
         "problems": sorted(set(metrics["problems"])),
+        "cache": metrics["cache"].as_dict() | {"dir": str(cache.root) if cache and cache.root else None},
         "out": str(out),
     }
     if accelerator.is_main_process:

@@ -46,6 +46,10 @@ TRAIN_CASES = [
     ([*T, "--wandb-mode", "cloud"], "argument --wandb-mode: invalid choice: 'cloud'"),
     ([*T, "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     ([*T, "stray"], "unrecognized arguments: stray"),
+    ([*T, "--cache-limit=-1"], "--cache-limit must be a number of GB >= 0, 0 for no limit (got -1.0)"),
+    ([*T, "--cache-limit", "nan"], "--cache-limit must be a number of GB >= 0, 0 for no limit (got nan)"),
+    ([*T, "--cache-limit", "lots"], "argument --cache-limit: invalid float value: 'lots'"),
+    ([*T, "--no-cache", "--cache-dir"], "argument --cache-dir: expected one argument"),
 ]
 
 SHARD_CASES = [
