@@ -43,8 +43,8 @@ from resnet_dist.crops import CropSpec, Plan, batch_draws, decode_reduced, image
 from resnet_dist.errors import DataError
 from resnet_dist.gpu_decode import encoded_batch
 from resnet_dist.guard import ignore_stop_signals
-from resnet_dist.index import DatasetIndex, ShardInfo, SplitInfo
-from resnet_dist.tars import IMAGE_EXTS, tar_samples
+from resnet_dist.index import DEFAULT_LABEL, DatasetIndex, ShardInfo, SplitInfo, class_ids, shards_at
+from resnet_dist.tars import IMAGE_EXTS, sample_label, tar_samples
 
 
 @dataclass(frozen=True)
@@ -183,17 +183,25 @@ def decode_image(data: bytes, channels: int, size: tuple[int, int] | None, where
     return array
 
 
-def sample_parts(sample: dict) -> tuple[bytes, int, str]:
-    """(encoded image, label, where) of a sample read from a shard."""
+def sample_parts(sample: dict, rule: dict = DEFAULT_LABEL, ids: dict[str, int] | None = None) -> tuple[bytes, int, str]:
+    """(encoded image, label, where) of a sample read from a shard; the label by index.json's `label`
+    rule (`ids`: class name -> id, index.class_ids). Without `ids`, a cls label is not range-checked."""
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None or "cls" not in sample:
-        raise DataError(f"{where}: sample lacks an image or a cls entry (has {sorted(sample)})")
-    return sample[ext], int(sample["cls"]), where
+    if ext is None or rule["member"] not in sample:
+        raise DataError(f"{where}: sample lacks an image or a {rule['member']} entry (has {sorted(sample)})")
+    if ids is None and rule == DEFAULT_LABEL:
+        return sample[ext], int(sample["cls"]), where
+    try:
+        return sample[ext], sample_label(sample, rule, ids or {}), where
+    except ValueError as exc:  # a foreign shard's unreadable label: this sample is lost, not the run
+        raise DataError(f"{where}: {exc}") from None
 
 
-def decode_sample(sample: dict, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, int]:
-    data, label, where = sample_parts(sample)
+def decode_sample(
+    sample: dict, channels: int, size: tuple[int, int], rule: dict = DEFAULT_LABEL, ids: dict[str, int] | None = None
+) -> tuple[np.ndarray, int]:
+    data, label, where = sample_parts(sample, rule, ids)
     return decode_image(data, channels, size, where), label
 
 
@@ -342,6 +350,8 @@ class ShardStream(IterableDataset):
         self.base, self.index, self.split_name, self.strict = base, index, split, strict
         self.crop, self.decode, self.cache = crop, decode, cache
         self.split = index.splits[split]
+        # Foreign shards indexed elsewhere: the tars are at index.shard_base, index.json (and sidecars) at base.
+        self.tar_base, self.ids = shards_at(base, index), class_ids(index)
         self.batch_size, self.rank, self.world_size, self.train = batch_size, rank, world_size, train
         self.seed, self.shuffle_block = seed, shuffle_block
         if train:
@@ -399,15 +409,16 @@ class ShardStream(IterableDataset):
 
     def _read(self, order: list[int], start: int, stop: int) -> Iterator[dict | Lost]:
         for piece in pieces_for_range(self.split, order, start, stop):
-            yield from read_piece(self.base, piece, self.strict, self.cache)
+            yield from read_piece(self.tar_base, piece, self.strict, self.cache)
 
     def _decode(self, sample: dict | Lost, u: np.ndarray | None) -> tuple[np.ndarray | Encoded, int] | Lost:
         if isinstance(sample, Lost):
             return sample
         try:
             if self.crop is None:
-                return decode_sample(sample, self.index.channels, tuple(self.index.image_size))
-            data, label, where = sample_parts(sample)
+                size = tuple(self.index.image_size)
+                return decode_sample(sample, self.index.channels, size, self.index.label, self.ids)
+            data, label, where = sample_parts(sample, self.index.label, self.ids)
             size = image_size(data, where)
             plan = make_plan(*size, self.crop, u)
             if self.decode == "gpu":

@@ -2,6 +2,7 @@
 
     python -m resnet_dist.shard SOURCE --root PATH [--out DIR] [options]
     python -m resnet_dist.shard verify DIR
+    python -m resnet_dist.shard index DIR_OR_URL [--out DIR]   (shards other tools wrote: resnet_dist.foreign)
 
 The flow per split: read the source (sources.py) -> carve val -> seeded global shuffle -> chunks
 encoded in a process pool (ordered, so any worker count gives the same bytes) -> tar members
@@ -1008,7 +1009,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m resnet_dist.shard",
         description="Pack an image dataset into WebDataset shards + index.json. "
-        "`python -m resnet_dist.shard verify DIR` re-checks a packed folder.",
+        "`python -m resnet_dist.shard verify DIR` re-checks a packed folder; "
+        "`python -m resnet_dist.shard index DIR_OR_URL` indexes shards another tool wrote.",
     )
     p.add_argument("source", choices=SOURCES, help="source layout (see docs/shards.md)")
     p.add_argument("--root", type=Path, help="where the source lives (not for synthetic)")
@@ -1097,9 +1099,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         console.print("[green]ok[/]: every shard matches the index")
         return 0
+    if argv[:1] == ["index"]:
+        return index_main(argv[1:])
     args = build_parser().parse_args(argv)
     check_args(args)
     pack(args)
+    return 0
+
+
+def index_main(argv: list[str]) -> int:
+    """`shard index`: make WebDataset shards written by other tools trainable (resnet_dist.foreign)."""
+    from resnet_dist import foreign  # it builds on this module: imported here, not at the top (a cycle)
+
+    ip = OneLineParser(
+        prog="python -m resnet_dist.shard index",
+        description="Scan WebDataset shards written by another tool (webdataset, timm, img2dataset) and write "
+        "index.json (and a per-sample table per shard) so that they train.",
+    )
+    foreign.add_index_options(ip)
+    args = ip.parse_args(argv)
+    foreign.check_index_args(args)
+    start = time.time()
+    index, path = foreign.index_shards(args)
+    summarize(index, path.parent, time.time() - start)
+    if index.shard_base:
+        console.print(f"shards stay at {index.shard_base}; train with --data {path.parent}")
     return 0
 
 

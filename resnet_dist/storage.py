@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from resnet_dist.errors import DataError, UsageError
-from resnet_dist.index import DatasetIndex, ShardInfo, parse_index
+from resnet_dist.index import DatasetIndex, ShardInfo, parse_index, shards_at
 
 ENV_RETRIES = "RESNET_DIST_HTTP_RETRIES"  # total tries per request, including the first
 ENV_TIMEOUT = "RESNET_DIST_HTTP_TIMEOUT"  # seconds for the connect and for each blocking read
@@ -214,6 +214,23 @@ def read_bytes(base: str, name: str) -> bytes:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
+def list_files(base: str) -> list[str]:
+    """The names of the files directly in `base`, sorted. Local folders only here: plain http(s) has no
+    listing (`shard index` takes a brace pattern for it), and other schemes are refused, never a folder."""
+    if is_url(base):
+        hint = f"{base.rstrip('/')}/x-{{0000..0009}}.tar"
+        raise UsageError(f"{base}: an http(s) URL cannot be listed: give a brace pattern like {hint}")
+    if "://" in base:
+        raise UsageError(f"{base}: unsupported URL scheme {base.split('://', 1)[0]}://")
+    folder = Path(base)
+    if not folder.is_dir():
+        raise DataError(f"{base}: no such folder")
+    try:
+        return sorted(p.name for p in folder.iterdir() if p.is_file())
+    except OSError as exc:
+        raise DataError(f"{base}: cannot list ({exc.strerror or exc})") from None
+
+
 def read_index(base: str) -> DatasetIndex:
     """index.json of a local folder or URL prefix; one clear DataError if absent or malformed."""
     where = _join(base, "index.json")
@@ -286,6 +303,7 @@ def check_shards(base: str, index: DatasetIndex, splits: list[str]) -> None:
     Over HTTP that is one HEAD per shard, CHECK_THREADS at a time.
     """
     shards = [shard for split in splits for shard in index.splits[split].shards]
+    base = shards_at(base, index)  # foreign shards indexed elsewhere: the tars are at shard_base
     if is_url(base):
         with ThreadPoolExecutor(max_workers=min(CHECK_THREADS, len(shards)) or 1) as pool:
             problems = [p for p in pool.map(lambda s: _check_remote_shard(base, s), shards) if p]

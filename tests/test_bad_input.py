@@ -83,6 +83,23 @@ VERIFY_CASES = [
     (["verify", "ROOT", "--deep"], "unrecognized arguments: --deep"),
 ]
 
+INDEX_CASES = [
+    (["index"], "the following arguments are required: source"),
+    (["index", "ROOT/missing"], "ROOT/missing: no such folder"),
+    (["index", "ROOT"], "ROOT: no .tar files there"),
+    (["index", "nosuch://bucket/shards"], "nosuch://bucket/shards: unsupported URL scheme nosuch://"),
+    (["index", "https://example.com/shards"], "an http(s) URL cannot be listed: give a brace pattern like"),
+    (["index", "ROOT/{a,b}/x-0.tar"], "a brace pattern must expand to files of one folder"),
+    (["index", "ROOT", "--out", "s3://bucket/x"], "--out s3://bucket/x: must be a local folder"),
+    (["index", "ROOT", "--label", "xml"], "argument --label: invalid choice: 'xml'"),
+    (["index", "ROOT", "--label", "cls", "--label-key", "y"], "--label-key names a json field"),
+    (["index", "ROOT", "--classes", "ROOT/c.txt", "--class-key", "n"], "--classes and --class-key exclude each other"),
+    (["index", "ROOT", "--classes", "ROOT/missing.txt"], "--classes ROOT/missing.txt: cannot read"),
+    (["index", "ROOT", "--split", "train=a*", "--split", "val"], "--split NAME puts every shard in one split"),
+    (["index", "ROOT", "--split", "no good"], "--split no good: expected NAME or NAME=GLOB"),
+    (["index", "ROOT", "--stats-sample", "-1"], "argument --stats-sample: expected an integer >= 0, got '-1'"),
+]
+
 
 def invoke(main, argv, tmp_path, capsys) -> tuple[int, str]:
     """(exit code, the whole of stderr), after checking that nothing went to stdout."""
@@ -130,6 +147,11 @@ def test_shard_bad_invocation(argv, message, tmp_path, capsys):
     assert_one_error_line(*invoke(shard_main, argv, tmp_path, capsys), message)
 
 
+@pytest.mark.parametrize("argv,message", INDEX_CASES)
+def test_shard_index_bad_invocation(argv, message, tmp_path, capsys):
+    assert_one_error_line(*invoke(shard_main, argv, tmp_path, capsys), message.replace("ROOT", str(tmp_path)))
+
+
 @pytest.mark.parametrize("argv,message", VERIFY_CASES)
 def test_shard_verify_bad_invocation(argv, message, tmp_path, capsys):
     assert_one_error_line(*invoke(shard_main, argv, tmp_path, capsys), message)
@@ -168,6 +190,7 @@ HELP_CASES = [
     ("train", [], "accelerate launch launch/train.py", "--cpu-bf16"),
     ("shard", [], "python -m resnet_dist.shard", "--shard-size"),
     ("shard", ["verify"], "python -m resnet_dist.shard verify", "folder holding index.json"),
+    ("shard", ["index"], "python -m resnet_dist.shard index", "--label-key"),
     ("evaluate", [], "python -m resnet_dist.evaluate", "--tta"),
     ("report", [], "python -m resnet_dist.report", "RUN_DIR"),
     ("launch/sweep", [], "launch/sweep.py", "--set"),
