@@ -25,7 +25,6 @@ import fcntl
 import hashlib
 import math
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,19 +32,11 @@ from pathlib import Path
 
 from resnet_dist.errors import UsageError
 from resnet_dist.index import ShardInfo
-from resnet_dist.storage import read_bytes
+from resnet_dist.storage import is_remote, read_bytes
 
 ENV_CACHE = "RESNET_DIST_CACHE"  # the default cache folder, when --cache-dir is not given
 LAYOUT = "shards-v1"  # a subfolder per entry layout: a future layout never misreads this one
 GB = 1e9
-
-
-def is_remote(base: str) -> bool:
-    """Whether shards under `base` are downloaded (any URL scheme but file://) rather than read in place.
-
-    storage.is_remote, once the fsspec work brings it, says the same and replaces this."""
-    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", base)
-    return bool(scheme) and scheme.group(1).lower() != "file"
 
 
 def default_dir() -> str:

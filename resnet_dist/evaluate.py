@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from resnet_dist.augment import BatchAugment
-from resnet_dist.cache import ENV_CACHE, cache_line, check_limit, is_remote, make_cache
+from resnet_dist.cache import ENV_CACHE, cache_line, check_limit, make_cache
 from resnet_dist.checkpoint import find_checkpoint, load_weights
 from resnet_dist.config import TrainConfig
 from resnet_dist.crops import eval_crop_spec
@@ -33,8 +33,9 @@ from resnet_dist.engine import evaluate
 from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
 from resnet_dist.filesafe import save_figure, write_json_atomic
 from resnet_dist.index import DatasetIndex, shards_at
+from resnet_dist.locations import check_location
 from resnet_dist.models import build_model
-from resnet_dist.storage import check_shards, read_index
+from resnet_dist.storage import check_shards, is_remote, read_index
 
 TTA_CHOICES = ("none", "flip")
 
@@ -238,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a checkpoint folder (RUN_DIR/checkpoints/best) or a run folder (best, else last)",
     )
-    parser.add_argument("--data", required=True, help="shard folder or http(s) URL prefix holding index.json")
+    parser.add_argument(
+        "--data", required=True, help="shard folder or URL (http(s), s3, gs, az, hf) holding index.json"
+    )
     parser.add_argument("--split", default="test", help="split of the shards to evaluate (default: test)")
     parser.add_argument(
         "--tta",
@@ -276,6 +279,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0 (got {args.num_workers})")
     check_limit(args.cache_limit)
+    check_location(args.data, "--data")
     return args
 
 

@@ -18,9 +18,11 @@ import io
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import tarfile
+import tempfile
 import time
 import zlib
 from collections import Counter
@@ -44,9 +46,13 @@ from resnet_dist.index import (
     ShardInfo,
     SplitInfo,
     load_index,
+    shards_at,
     write_index,
 )
+from resnet_dist.locations import check_location, local_path
 from resnet_dist.sources import READERS, SOURCES, Sample, Source, Split, iter_samples, read_synthetic
+from resnet_dist.storage import exists, is_remote, is_url, list_files, read_bytes, read_index, remove_file, write_file
+from resnet_dist.tars import SIDECAR_SUFFIX
 
 # 5000 samples a shard: ~12 MB of Fashion-MNIST PNGs, ~20 MB of CIFAR or Tiny ImageNet. Big enough
 # that tar overhead and file opens are noise, small enough that a shuffled shard order mixes well
@@ -458,16 +464,19 @@ class ShardWriter:
         self.offset += len(data)
 
     def add(self, sample: bytes) -> None:
-        """Append one sample, framed by `frame_sample`."""
-        if self.file is None:
-            self.tmp = self.folder / f".{self.split}-{len(self.shards):06d}.tar.tmp"
-            self.file = open(self.tmp, "wb")
-            self.offset, self.sha = 0, hashlib.sha256()
-        self._write(sample)
-        self.count += 1
-        self.total += 1
-        if self.count == self.shard_size:
-            self._finish()
+        """Append one sample, framed by `frame_sample`; DataError (one line) if the disk refuses."""
+        try:
+            if self.file is None:
+                self.tmp = self.folder / f".{self.split}-{len(self.shards):06d}.tar.tmp"
+                self.file = open(self.tmp, "wb")
+                self.offset, self.sha = 0, hashlib.sha256()
+            self._write(sample)
+            self.count += 1
+            self.total += 1
+            if self.count == self.shard_size:
+                self._finish()
+        except OSError as exc:
+            raise write_error(self.folder, exc) from None
 
     def _finish(self) -> None:
         self._write(tar_end(self.offset))
@@ -481,25 +490,49 @@ class ShardWriter:
         self.count = 0
 
     def close(self) -> SplitInfo:
-        if self.file is not None:
-            self._finish()
+        try:
+            if self.file is not None:
+                self._finish()
+        except OSError as exc:
+            raise write_error(self.folder, exc) from None
         fsync_dir(self.folder, best_effort=True)
         return SplitInfo(self.total, tuple(self.shards))
 
     def abort(self) -> None:
-        """Drop the shard being written; finished shards stay but no index points at them."""
+        """Drop the shard being written (pack removes the finished ones: no index points at them)."""
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                pass  # closing flushes the buffer; on a full disk that fails again, and the file goes anyway
+            self.file = None
         if self.tmp is not None:
             self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+
+
+def write_error(folder: Path, exc: OSError) -> DataError:
+    """One line for a write the disk refused (full, over quota, file too large, permission, read-only)."""
+    return DataError(f"--out {folder}: cannot write ({exc.strerror or exc}); nothing of this run is left there")
+
+
+def remove_outputs(folder: Path) -> None:
+    """Delete the shards, sidecars and temporary files a failed run left in `folder` (not index.json: pack
+    writes it last, so a failed run has none of its own, and an older one was removed before packing)."""
+    for path in existing_outputs(folder):
+        if path.name != INDEX_NAME:
+            path.unlink(missing_ok=True)
 
 
 def existing_outputs(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(
-        p for p in folder.iterdir() if p.name == INDEX_NAME or SHARD_RE.match(p.name) or p.name.endswith(".tar.tmp")
-    )
+    return sorted(p for p in folder.iterdir() if is_output(p.name))
+
+
+def is_output(name: str) -> bool:
+    """A file the packer writes: index.json, a shard, a shard's sample table, or one of their temporaries."""
+    return name == INDEX_NAME or bool(SHARD_RE.match(name)) or name.endswith((".tar.tmp", SIDECAR_SUFFIX))
 
 
 def prepare_out_dir(folder: Path, overwrite: bool) -> None:
@@ -511,7 +544,12 @@ def prepare_out_dir(folder: Path, overwrite: bool) -> None:
             f"{folder} already holds shards ({len(found)} files, e.g. {found[0].name}): "
             "pass --overwrite to replace them"
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {folder}: cannot create ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {folder}: not writable (permission denied)")
     # The index goes first: from here on no index points at shards we are about to replace.
     for path in sorted(found, key=lambda p: p.name != INDEX_NAME):
         path.unlink()
@@ -624,10 +662,63 @@ def stats_split(splits: Iterable[str]) -> str:
 
 
 def pack(args: argparse.Namespace) -> DatasetIndex:
-    out = Path(args.out)
+    """Pack into --out; a remote --out is packed into a local staging folder, then uploaded (index last)."""
+    if not is_remote(args.out):
+        return pack_into(args, Path(args.out), args.out)
+    check_remote_out(args.out, args.overwrite)
+    staging = Path(tempfile.mkdtemp(prefix="resnet-dist-shard-"))
+    try:
+        index = pack_into(args, staging, args.out)
+        upload(staging, args.out, args.overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return index
+
+
+def check_remote_out(out: str, overwrite: bool) -> None:
+    """Before any work: the bucket must exist, and one holding an index.json needs --overwrite, as locally."""
+    from resnet_dist import remote
+
+    remote.check_bucket(out)
+    if exists(out, INDEX_NAME) and not overwrite:
+        raise UsageError(f"{out} already holds shards ({INDEX_NAME}): pass --overwrite to replace them")
+
+
+def upload(staging: Path, out: str, overwrite: bool) -> None:
+    """Each finished file of `staging`, index.json last: a reader never finds an index whose shards are not
+    all there yet. With --overwrite the old index goes first and the old shards after it, as locally."""
+    if overwrite:
+        remove_file(out, INDEX_NAME)
+        for name in list_files(out):
+            if is_output(name):
+                remove_file(out, name)
+    names = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != INDEX_NAME)
+    with Progress(TextColumn("upload"), BarColumn(), MofNCompleteColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("upload", total=len(names) + 1)
+        for name in [*names, INDEX_NAME]:
+            write_file(out, name, staging / name)
+            bar.advance(task)
+
+
+def pack_into(args: argparse.Namespace, out: Path, shown: str) -> DatasetIndex:
     source = load_source(args)
     arrange_splits(source, args)
     prepare_out_dir(out, args.overwrite)
+    try:
+        index, seconds = write_all(args, source, out)
+        try:
+            write_index(out, index)
+        except OSError as exc:
+            raise write_error(out, exc) from None
+    except BaseException:
+        remove_outputs(out)  # no index points at them: a rerun must not be asked for --overwrite
+        raise
+    summarize(index, shown, seconds)
+    return index
+
+
+def write_all(args: argparse.Namespace, source: Source, out: Path) -> tuple[DatasetIndex, float]:
+    """The index of the shards written into `out`, and the seconds it took."""
     started = time.perf_counter()
     pool = None
     if args.workers > 1:
@@ -644,9 +735,7 @@ def pack(args: argparse.Namespace) -> DatasetIndex:
         if pool is not None:
             pool.terminate()
             pool.join()
-    write_index(out, index)
-    summarize(index, out, time.perf_counter() - started)
-    return index
+    return index, time.perf_counter() - started
 
 
 @dataclass
@@ -786,7 +875,7 @@ def build_index(source: Source, args, size, channels: int, totals: Totals, sampl
     )
 
 
-def summarize(index: DatasetIndex, out: Path, seconds: float) -> None:
+def summarize(index: DatasetIndex, out: str | Path, seconds: float) -> None:
     table = Table(title=f"{index.source} -> {out}", title_justify="left")
     for col in ("split", "samples", "shards", "MB"):
         table.add_column(col, justify="left" if col == "split" else "right")
@@ -923,8 +1012,25 @@ def verify_shard(folder: Path, shard: ShardInfo, index: DatasetIndex, seen: set[
     return problems
 
 
-def verify(folder: Path) -> list[str]:
-    index = load_index(folder)
+def verify_at(base: str, shard: ShardInfo, index: DatasetIndex, seen: set[str], dims: list) -> list[str]:
+    """verify_shard where the shards are; a remote shard is checked from a local copy, one at a time."""
+    base = shards_at(base, index)
+    if not is_remote(base):
+        return verify_shard(Path(local_path(base)), shard, index, seen, dims)
+    try:
+        data = read_bytes(base, shard.file)
+    except DataError as exc:
+        return [f"{shard.file}: {exc}"]
+    with tempfile.TemporaryDirectory(prefix="resnet-dist-verify-") as tmp:
+        copy = Path(tmp) / shard.file
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(data)
+        del data
+        return verify_shard(Path(tmp), shard, index, seen, dims)
+
+
+def verify(folder: str) -> list[str]:
+    index = read_index(folder) if is_remote(folder) else load_index(Path(local_path(folder)))
     problems: list[str] = []
     seen: set[str] = set()
     dims: list[tuple[int, int]] = []
@@ -938,7 +1044,7 @@ def verify(folder: Path) -> list[str]:
             task = progress.add_task(name, total=len(split.shards))
             found = []
             for shard in split.shards:
-                found += verify_shard(folder, shard, index, seen, dims)
+                found += verify_at(folder, shard, index, seen, dims)
                 progress.advance(task)
             problems += found
             table.add_row(
@@ -1014,7 +1120,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", choices=SOURCES, help="source layout (see docs/shards.md)")
     p.add_argument("--root", type=Path, help="where the source lives (not for synthetic)")
-    p.add_argument("--out", type=Path, help="output folder (default: shards/<source>)")
+    p.add_argument(
+        "--out",
+        help="output folder or object-store URL (s3://, gs://, az://, hf://; default: shards/<source>)",
+    )
     p.add_argument(
         "--format",
         choices=("png", "jpeg"),
@@ -1080,7 +1189,12 @@ def check_args(args: argparse.Namespace) -> None:
         if args.image_size is not None:
             raise UsageError("--max-size and --image-size exclude each other: pick one")
     if args.out is None:
-        args.out = Path("shards") / args.source
+        args.out = str(Path("shards") / args.source)
+    check_location(args.out, "--out")
+    if is_url(args.out):
+        raise UsageError(f"--out {args.out}: cannot write to an http(s) URL (a folder or an object store: s3://...)")
+    if not is_remote(args.out):
+        args.out = local_path(args.out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1089,8 +1203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         vp = OneLineParser(
             prog="python -m resnet_dist.shard verify", description="Re-read every shard of a packed folder."
         )
-        vp.add_argument("dir", type=Path, help="folder holding index.json and the shards")
-        folder = vp.parse_args(argv[1:]).dir
+        vp.add_argument("dir", help="folder holding index.json and the shards, or its URL (s3://, gs://, hf://, ...)")
+        folder = check_location(vp.parse_args(argv[1:]).dir, "verify")
         problems = verify(folder)
         for p in problems:
             print(f"error: {p}", file=sys.stderr)

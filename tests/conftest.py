@@ -20,6 +20,14 @@ def fresh_accelerate_state():
     yield
 
 
+@pytest.fixture(autouse=True)
+def own_shard_cache(tmp_path_factory, monkeypatch):
+    """Each test gets an empty shard cache of its own (runs it starts inherit $RESNET_DIST_CACHE): remote data
+    is never cached in the user's ~/.cache, and a test's request counts never depend on an earlier test
+    having cached the same (deterministic, so equal sha256) shards."""
+    monkeypatch.setenv("RESNET_DIST_CACHE", str(tmp_path_factory.mktemp("shard-cache")))
+
+
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
     """A small 10-class, 16x16 RGB dataset with a learnable signal, in several uneven shards."""
@@ -81,3 +89,26 @@ def uneven_shards(tmp_path_factory) -> Path:
         121,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server (+ fault proxy) on 127.0.0.1 for the whole session; tests use `s3`, not this."""
+    pytest.importorskip("moto.server", reason="needs moto[server] (pip install 'resnet-dist[dev]')")
+    from s3server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The session's S3 server with an empty request log and no faults pending, and this process's
+    environment pointed at it (for in-process clients); subprocesses take `run_env(**s3.env)`."""
+    s3_server.clear()
+    for name in s3_server.ENV_DROP:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    yield s3_server
+    s3_server.clear()

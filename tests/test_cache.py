@@ -20,7 +20,7 @@ from test_http_faults import FaultServer
 from wandb_log import history, run_file
 from wandb_log import summary as summary_of
 
-from resnet_dist.cache import LAYOUT, ShardCache, _locked, evict, fetch_shard, is_remote, make_cache
+from resnet_dist.cache import LAYOUT, ShardCache, _locked, evict, fetch_shard, make_cache
 from resnet_dist.data import Piece, read_piece
 from resnet_dist.errors import UsageError
 from resnet_dist.evaluate import main as evaluate_main
@@ -56,13 +56,6 @@ def tar_gets(server) -> dict[str, int]:
 
 def entries(cache_dir: Path) -> set[str]:
     return {p.name for p in (cache_dir / LAYOUT).glob("*.tar")}
-
-
-def test_what_is_remote():
-    for base in ("http://h/x", "https://h/x", "s3://b/p", "gs://b", "hf://datasets/o/n", "az://c/p"):
-        assert is_remote(base), base
-    for base in ("/data/shards", "shards", "file:///data/shards", "./s3:/b"):
-        assert not is_remote(base), base
 
 
 def test_local_data_is_read_in_place(synthetic_shards, tmp_path):

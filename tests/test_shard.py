@@ -587,8 +587,10 @@ def test_interrupted_write_leaves_no_index(tmp_path, monkeypatch):
     monkeypatch.setattr(shard.ShardWriter, "_finish", ctrl_c_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         pack("synthetic", "--num-samples", "40", "--image-size", "4", "--shard-size", "5", "--out", out, "--overwrite")
-    names = sorted(p.name for p in out.iterdir())
-    assert names == ["train-000000.tar", "train-000001.tar"]  # no index, no temporary file
+    # No index, no temporary file, and no finished shard either: with nothing left, the same command run
+    # again finishes without asking for --overwrite.
+    assert sorted(p.name for p in out.iterdir()) == []
+    pack("synthetic", "--num-samples", "40", "--image-size", "4", "--shard-size", "5", "--out", out)
 
 
 # --- verify ---------------------------------------------------------------------------------------
