@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,36 @@ def test_a_two_process_run_downloads_each_shard_once_and_its_resume_nothing(serv
         "dir": cache["dir"],
     }
     assert tar_gets(server) == gets
+
+
+@pytest.mark.slow
+def test_a_two_process_run_streams_from_s3_fetching_each_shard_once(s3, tmp_path):
+    """The issue's S3 case: moto behind the logging proxy (tests/s3server.py); 2 ranks x 2 loader workers x
+    2 epochs, validation each epoch and the final test: each shard is one GET in the server's log."""
+    base = f"s3://{s3.new_bucket('cache')}/small"
+    pack = ["synthetic", "--num-classes", "3", "--image-size", "8", "--num-samples", "150", "--channels", "3"]
+    pack += ["--shard-size", "25", "--val-fraction", "0.2", "--seed", "2", "--workers", "1", "--out", base]
+    ok(
+        subprocess.run(
+            [sys.executable, "-m", "resnet_dist.shard", *pack],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=run_env(**s3.env),
+            timeout=300,
+        )
+    )
+    index = read_index(base)  # the s3 fixture points this process at the server too
+    shards = [s for split in index.splits.values() for s in split.shards]
+    s3.clear()
+    out, cache_dir = tmp_path / "run", tmp_path / "cache"
+    args = ["--data", base, "--out", str(out), "--cache-dir", str(cache_dir), "--epochs", "2", "--num-workers", "2"]
+    args += ["--width", "8", "--batch-size", "8", "--lr", "0.05", "--wandb-mode", "disabled"]
+    ok(train(*args, env=s3.env, timeout=500))
+    prefix = "/" + base.removeprefix("s3://")
+    gets = Counter(path for method, path, _ in s3.log if method == "GET" and path.endswith(".tar"))
+    assert gets == Counter({f"{prefix}/{s.file}": 1 for s in shards}), gets
+    cache = read_json(out / "summary.json")["cache"]
+    assert cache["downloads"] == len(shards) and cache["bytes_downloaded"] == sum(s.bytes for s in shards)
+    assert cache["hits"] >= len(index.splits["train"].shards)  # the second epoch: every train shard again
+    assert entries(cache_dir) == {f"{s.sha256}.tar" for s in shards}
