@@ -100,6 +100,11 @@ def check_limit(limit_gb: float) -> None:
         raise UsageError(f"--cache-limit must be a number of GB >= 0, 0 for no limit (got {limit_gb})")
 
 
+def cache_dir(cache: ShardCache | None) -> str | None:
+    """The folder to report: None for local data and --no-cache."""
+    return str(cache.root) if cache and cache.root else None
+
+
 def cache_line(cache: dict) -> str:
     """One line for people: a summary's or eval.json's "cache" entry."""
     where = f"in {cache['dir']}" if cache["dir"] else "off (--no-cache)"

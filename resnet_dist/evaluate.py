@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from resnet_dist.augment import BatchAugment
-from resnet_dist.cache import ENV_CACHE, cache_line, check_limit, make_cache
+from resnet_dist.cache import ENV_CACHE, cache_dir, cache_line, check_limit, make_cache
 from resnet_dist.checkpoint import find_checkpoint, load_weights
 from resnet_dist.config import TrainConfig
 from resnet_dist.crops import eval_crop_spec
@@ -292,7 +292,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--split {args.split}: {args.data} has splits {', '.join(sorted(index.splits))}")
     model = load_model(checkpoint, meta, index, args.data)
     check_shards(args.data, index, [args.split])
-    cache = make_cache(shards_at(args.data, index), args.cache, args.cache_dir, args.cache_limit)
     suffix = "-tta" if args.tta == "flip" else ""
     out = Path(args.out) if args.out else run_folder_of(checkpoint) / f"eval-{args.split}{suffix}"
 
@@ -303,17 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = model.to(accelerator.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    stream = ShardStream(
-        args.data,
-        index,
-        args.split,
-        batch_size=args.batch_size,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        train=False,
-        crop=eval_crop_spec(cfg, index.image_size),
-        cache=cache,
-    )
+    stream = eval_stream(args, index, accelerator, cfg)
     # The model saw the mean/std of the shards it was trained on: normalise with those.
     augment = BatchAugment(
         meta.get("mean", index.mean), meta.get("std", index.std), accelerator.device, channels_last=cfg.channels_last
@@ -343,20 +332,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         "classes": index.classes,
         "confusion": metrics["confusion"],
         "problems": sorted(set(metrics["problems"])),
-        "cache": metrics["cache"].as_dict() | {"dir": str(cache.root) if cache and cache.root else None},
+        "cache": metrics["cache"].as_dict() | {"dir": cache_dir(stream.cache)},
         "out": str(out),
     }
     if accelerator.is_main_process:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--out {out}: cannot create ({exc.strerror})") from None
-        write_json_atomic(out / "eval.json", result)
         title = f"{cfg.model} on {args.split}{' (flip TTA)' if suffix else ''}: top-1 {metrics['top1']:.2%}"
-        plot_confusion(out / "confusion.png", metrics["confusion"], index.classes, title)
-        print_results(result)
+        save_outputs(out, result, title)
     end_run(accelerator)
     return 0
+
+
+def eval_stream(
+    args: argparse.Namespace, index: DatasetIndex, accelerator: Accelerator, cfg: TrainConfig
+) -> ShardStream:
+    """This rank's slice of the split, remote shards through the shard cache, cropped as in training."""
+    cache = make_cache(shards_at(args.data, index), args.cache, args.cache_dir, args.cache_limit)
+    return ShardStream(
+        args.data,
+        index,
+        args.split,
+        batch_size=args.batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        train=False,
+        crop=eval_crop_spec(cfg, index.image_size),
+        cache=cache,
+    )
+
+
+def save_outputs(out: Path, result: dict, title: str) -> None:
+    """eval.json, confusion.png and the printed table (main process)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create ({exc.strerror})") from None
+    write_json_atomic(out / "eval.json", result)
+    plot_confusion(out / "confusion.png", result["confusion"], result["classes"], title)
+    print_results(result)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import gather_object
 
 from resnet_dist.augment import BatchAugment
-from resnet_dist.cache import CacheCounts, cache_line, make_cache
+from resnet_dist.cache import CacheCounts, cache_dir, cache_line, make_cache
 from resnet_dist.checkpoint import find_checkpoint
 from resnet_dist.config import TrainConfig, parse_args
 from resnet_dist.crops import eval_crop_spec, train_crop_spec, train_res
@@ -510,8 +510,7 @@ def finish(run: Run, wall: float) -> dict:
         report_problems(run)
         summary["data_problems"] = sorted(run.reported)
     summary["data_wait"], summary["diagnosis"] = diagnose(run.history, run.cfg.num_workers)
-    root = run.train.cache.root if run.train.cache else None
-    summary["cache"] = run.cache.as_dict() | {"dir": str(root) if root else None}
+    summary["cache"] = run.cache.as_dict() | {"dir": cache_dir(run.train.cache)}
     if acc.is_main_process:
         if run.cfg.wandb_mode != "disabled":  # the W&B run's summary, not one more history row
             wandb_run = acc.get_tracker("wandb", unwrap=True)
