@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from resnet_dist.augment import BatchAugment
+from resnet_dist.cache import CacheCounts
 from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream, make_loader
 from resnet_dist.distributed import await_peers, check_world_size
@@ -154,9 +155,12 @@ def evaluate(
     device = accelerator.device
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5, count, lost
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    problems = []
-    for images, labels, lost, batch_problems in make_loader(stream, num_workers, pin_memory=device.type == "cuda"):
+    problems, fetched = [], CacheCounts()
+    for images, labels, lost, batch_problems, batch_fetched in make_loader(
+        stream, num_workers, pin_memory=device.type == "cuda"
+    ):
         images, labels, gpu_lost, gpu_problems = batch_to_device(images, labels, device, False, stream.strict)
+        fetched += batch_fetched
         sums[4] += lost + gpu_lost
         problems += batch_problems + gpu_problems
         if labels.numel() == 0:
@@ -184,4 +188,11 @@ def evaluate(
         "lost": int(sums[4].item()),
         "problems": problems,
         "confusion": confusion.cpu().tolist(),
+        "cache": reduce_counts(accelerator, fetched),
     }
+
+
+def reduce_counts(accelerator: Accelerator, counts: CacheCounts) -> CacheCounts:
+    """Shard cache counts summed over ranks (int64: byte counts pass float32's exact range at 16 MB)."""
+    total = accelerator.reduce(torch.tensor(counts.as_tuple(), dtype=torch.int64, device=accelerator.device), "sum")
+    return CacheCounts(*(int(x) for x in total.tolist()))
