@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -77,11 +76,20 @@ def start(script: Path, *args: str, restarts: int = 0, **env: str) -> subprocess
     )
 
 
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it. torchrun starts each rank in a session of its own,
+    so the launcher's process group alone would leave the ranks running."""
+    everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for process in everyone:
+        process.kill()
+    psutil.wait_procs(everyone, timeout=60)
+
+
 def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
     try:
         out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    except subprocess.TimeoutExpired:  # a hung restart (the bug this file tests for) fails, never hangs the suite
+        kill_all(proc)
         out, err = proc.communicate()
         raise AssertionError(f"still running after {timeout} s\n{out[-3000:]}\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -123,12 +131,7 @@ def test_a_busy_run_folder_is_refused_and_a_killed_runs_folder_is_free(data, tmp
     assert first.poll() is None  # the refused run left the first alone: still running, one W&B run
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
 
-    # A crash: every process of the first run dies at once, nothing gets to clean up. (torchrun starts each
-    # rank in a session of its own, so the launcher's process group alone would leave the ranks running.)
-    everyone = [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]
-    for process in everyone:
-        process.kill()
-    psutil.wait_procs(everyone, timeout=60)
+    kill_all(first)  # a crash: every process of the first run dies at once, nothing gets to clean up
     first.wait()
     resumed = ok(finish(start(TRAIN, *args, "--resume")))
     assert f"resumed from {out / 'checkpoints' / 'last'}: epoch 1, micro-batch 4, optimizer step 4" in resumed.stdout
