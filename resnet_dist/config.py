@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from resnet_dist.crops import parse_range, parse_res_schedule
 from resnet_dist.errors import OneLineParser, UsageError
+from resnet_dist.locations import check_location, scheme_of
 from resnet_dist.models import MODELS
 from resnet_dist.recipes import RECIPES
 
@@ -164,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_places(cfg: TrainConfig) -> None:
+    """--data may be any location storage reads; the run folder is local (checkpoints are renamed into place)."""
+    if cfg.data:
+        check_location(cfg.data, "--data")
+    if cfg.out and scheme_of(check_location(cfg.out, "--out")) not in (None, "file"):
+        raise UsageError(f"--out {cfg.out}: the run folder must be on this machine's file system")
+
+
 def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
     """Raise UsageError naming the first option that makes no sense (paths=False: --data/--out may be absent)."""
     checks = [
@@ -212,6 +221,7 @@ def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    check_places(cfg)
     check_crop_options(cfg)
     return cfg
 

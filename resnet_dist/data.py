@@ -43,6 +43,7 @@ from resnet_dist.errors import DataError
 from resnet_dist.gpu_decode import encoded_batch
 from resnet_dist.guard import ignore_stop_signals
 from resnet_dist.index import DEFAULT_LABEL, DatasetIndex, ShardInfo, SplitInfo, class_ids, shards_at
+from resnet_dist.integrity import checked_samples, load_table
 from resnet_dist.storage import read_bytes
 from resnet_dist.tars import IMAGE_EXTS, sample_label, tar_samples
 
@@ -241,16 +242,20 @@ def shard_problem(data: bytes, shard: ShardInfo) -> str | None:
     return None
 
 
-def read_piece(base: str, piece: Piece, strict: bool) -> list[dict | Lost]:
+def read_piece(base: str, piece: Piece, strict: bool, tables: str | None = None) -> list[dict | Lost]:
     """Exactly `piece.take` items: the samples, or Lost markers for samples that cannot be trusted.
 
-    The whole shard is fetched and checked against its size and sha256 before any sample is used: a
-    shard that changed is not what index.json describes, so none of its samples are (strict: an error).
+    The whole shard is fetched and checked against its size and sha256 before any sample is used. A
+    shard that changed is not what index.json describes: with its per-sample table (beside index.json,
+    at `tables`, default `base`) each sample is checked against its own digest and only the changed
+    ones are lost (strict: an error naming the first); without one, all of them are.
     """
     samples: list[dict | Lost] = []
     try:
         data = read_bytes(base, piece.file)
         problem = shard_problem(data, piece.shard)
+        if problem and piece.shard.samples is not None:
+            return salvage(tables or base, piece, data, problem, strict)
         if problem:
             raise DataError(problem)
         try:
@@ -267,6 +272,20 @@ def read_piece(base: str, piece: Piece, strict: bool) -> list[dict | Lost]:
             raise
         samples += [Lost(f"{exc}; its unread samples are skipped")] * (piece.take - len(samples))
     return samples
+
+
+def salvage(tables: str, piece: Piece, data: bytes, problem: str, strict: bool) -> list[dict | Lost]:
+    """The piece of a changed shard, sample by sample: the intact ones, Lost for those whose own bytes changed."""
+    try:
+        table = load_table(tables, piece.shard)
+    except DataError as exc:
+        raise DataError(f"{problem}; {exc}") from None
+    out: list[dict | Lost] = []
+    for item in checked_samples(data, table, piece.file, piece.skip, piece.take):
+        if isinstance(item, str) and strict:
+            raise DataError(f"{item} ({problem})")
+        out.append(Lost(item) if isinstance(item, str) else item)
+    return out
 
 
 def block_shuffle(samples: Iterator[dict], block: int, seed: list[int], first_block: int, drop: int) -> Iterator[dict]:
@@ -405,7 +424,8 @@ class ShardStream(IterableDataset):
 
     def _read(self, order: list[int], start: int, stop: int) -> Iterator[dict | Lost]:
         for piece in pieces_for_range(self.split, order, start, stop):
-            yield from read_piece(self.tar_base, piece, self.strict)
+            # The tars may live elsewhere (shard_base); their per-sample tables are beside index.json.
+            yield from read_piece(self.tar_base, piece, self.strict, tables=self.base)
 
     def _decode(self, sample: dict | Lost, u: np.ndarray | None) -> tuple[np.ndarray | Encoded, int] | Lost:
         if isinstance(sample, Lost):

@@ -30,11 +30,13 @@ class TrainingError(Exception):
 
 
 class Interrupted(Exception):
-    """Stopped by a signal after saving a checkpoint: exit 128 + signal number, as a shell reports it."""
+    """Stopped by a signal after saving a checkpoint: exit 128 + signal number, as a shell reports it,
+    unless `exit_code` says otherwise (0 for a requeue: see guard.REQUEUE_SIGNAL)."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, exit_code: int | None = None):
         super().__init__(message)
         self.signum = signum
+        self.exit_code = 128 + signum if exit_code is None else exit_code
 
 
 def _say(message: str, every_rank: bool = False) -> None:
@@ -72,7 +74,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         code = 1
     except Interrupted as exc:
         _say(str(exc))
-        code = 128 + exc.signum
+        code = exc.exit_code
     except KeyboardInterrupt:
         _say("interrupted")
         code = 130

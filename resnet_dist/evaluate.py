@@ -32,6 +32,7 @@ from resnet_dist.engine import evaluate
 from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
 from resnet_dist.filesafe import save_figure, write_json_atomic
 from resnet_dist.index import DatasetIndex
+from resnet_dist.locations import check_location
 from resnet_dist.models import build_model
 from resnet_dist.storage import check_shards, read_index
 
@@ -235,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a checkpoint folder (RUN_DIR/checkpoints/best) or a run folder (best, else last)",
     )
-    parser.add_argument("--data", required=True, help="shard folder or http(s) URL prefix holding index.json")
+    parser.add_argument(
+        "--data", required=True, help="shard folder or URL (http(s), s3, gs, az, hf) holding index.json"
+    )
     parser.add_argument("--split", default="test", help="split of the shards to evaluate (default: test)")
     parser.add_argument(
         "--tta",
@@ -255,6 +258,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UsageError(f"--batch-size must be positive (got {args.batch_size})")
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0 (got {args.num_workers})")
+    check_location(args.data, "--data")
     return args
 
 

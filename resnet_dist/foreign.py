@@ -356,8 +356,8 @@ def scan_shard(scan: Scan, args, loc: Location, file: str, split: str, quota: Qu
     expected = loc.info.get(file) if loc.info else None
     if expected is not None and expected[1] != len(groups):
         raise DataError(f"{file}: {len(groups)} image samples, {loc.info_name} says {expected[1]}")
-    write_sidecar(out / sidecar_name(file), table.to_json())
-    info = ShardInfo(file, len(groups), sha, len(data), sidecar_name(file))
+    write_sidecar(out / sidecar_name(sha), table.to_json())
+    info = ShardInfo(file, len(groups), sha, len(data), sidecar_name(sha))
     scan.shards.setdefault(split, []).append(info)
 
 

@@ -22,7 +22,12 @@ class Diverged(TrainingError):
     """Too many non-finite steps in a row: the run stops, after saving its last good state."""
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# SIGUSR1 is the scheduler's "you will be requeued" notice (SLURM: #SBATCH --signal=B:USR1@120, which
+# launch/slurm.sbatch forwards to the ranks): checkpoint at the next step like SIGTERM, then exit 0, so
+# that neither torchrun (a failed rank: a report, or a restart under --max_restarts) nor srun
+# (--kill-on-bad-exit) treats the stop as a failure; the batch script requeues the job itself.
+REQUEUE_SIGNAL = signal.SIGUSR1
 
 
 # Under `accelerate launch` one Ctrl-C reaches a rank twice: from the terminal (the whole process group)
@@ -32,10 +37,11 @@ SECOND_CTRL_C_AFTER = 1.0  # seconds
 
 
 class StopRequest:
-    """Records SIGTERM/SIGINT instead of dying mid-step; a second Ctrl-C stops at once."""
+    """Records SIGTERM/SIGINT/SIGUSR1 instead of dying mid-step; a second Ctrl-C stops at once."""
 
     def __init__(self):
         self.signum: int | None = None  # the first stop signal: it names the stop and the exit code
+        self.requeue = False  # SIGUSR1 seen, first or not: the job is requeued, whatever else came
         self._ctrl_c_at: float | None = None
         self._previous = {}
 
@@ -55,6 +61,7 @@ class StopRequest:
                 raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the checkpoint
             if self._ctrl_c_at is None:
                 self._ctrl_c_at = now
+        self.requeue = self.requeue or signum == REQUEUE_SIGNAL
         if self.signum is None:
             self.signum = signum
 
@@ -79,6 +86,7 @@ class StepGuard:
         self.bad_steps = 0  # skipped steps in the whole run
         self.bad_in_row = 0
         self.stop_requested = False
+        self.requeue_requested = False  # some rank saw SIGUSR1: every rank stops as requeued
 
     def observe(self, loss: torch.Tensor) -> None:
         """Note a micro-batch's loss; no host sync here."""
@@ -86,18 +94,25 @@ class StepGuard:
 
     def decide(self) -> bool:
         """At an optimizer step: True if every rank may apply it. One all-reduce, one host sync."""
-        local = torch.stack(
-            [self.nonfinite.float(), torch.tensor(float(self.stop.signum is not None), device=self.nonfinite.device)]
-        )
-        nonfinite, stop = self.accelerator.reduce(local, reduction="sum").tolist()
+        flags = [float(self.stop.signum is not None), float(self.stop.requeue)]
+        local = torch.cat([self.nonfinite.float().view(1), torch.tensor(flags, device=self.nonfinite.device)])
+        nonfinite, stop, requeue = self.accelerator.reduce(local, reduction="sum").tolist()
         self.nonfinite.zero_()
         self.stop_requested = self.stop_requested or stop > 0
+        self.requeue_requested = self.requeue_requested or requeue > 0
         if nonfinite == 0:
             self.bad_in_row = 0
             return True
         self.bad_steps += 1
         self.bad_in_row += 1
         return False
+
+    def stop_signal(self) -> int:
+        """The signal the whole job stops for: SIGUSR1 if any rank saw it (the job is requeued), else this
+        rank's own, else SIGTERM (only another rank received one)."""
+        if self.requeue_requested:
+            return REQUEUE_SIGNAL
+        return self.stop.signum or signal.SIGTERM
 
     def check_divergence(self, step: int) -> None:
         if self.max_bad_steps and self.bad_in_row >= self.max_bad_steps:

@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import tarfile
+import tempfile
 import time
 import zlib
 from collections import Counter
@@ -43,10 +46,25 @@ from resnet_dist.index import (
     DatasetIndex,
     ShardInfo,
     SplitInfo,
-    load_index,
+    class_ids,
+    shards_at,
     write_index,
 )
+from resnet_dist.integrity import damaged_samples, intact_group, load_table
+from resnet_dist.locations import check_location, local_path
 from resnet_dist.sources import READERS, SOURCES, Sample, Source, Split, iter_samples, read_synthetic
+from resnet_dist.storage import exists, is_remote, is_url, list_files, read_bytes, read_index, remove_file, write_file
+from resnet_dist.tars import (
+    IMAGE_EXTS,
+    SIDECAR_RE,
+    Group,
+    SampleTable,
+    sample_digest,
+    sample_label,
+    sample_table,
+    sidecar_name,
+    tar_groups,
+)
 
 # 5000 samples a shard: ~12 MB of Fashion-MNIST PNGs, ~20 MB of CIFAR or Tiny ImageNet. Big enough
 # that tar overhead and file opens are noise, small enough that a shuffled shard order mixes well
@@ -66,6 +84,7 @@ FILE_SOURCES = ("tiny-imagenet", "imagefolder", "imagenet")  # sources of encode
 RESIZABLE = ("imagefolder", "imagenet")  # sources of images of any size (--max-size)
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 SHARD_RE = re.compile(r"^.+-\d{6}\.tar$")
+TMP_RE = re.compile(r"^\..+\.tar(\.samples\.json\..+)?\.tmp$")  # a shard or its table, still being written
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 JPEG_NAMES = ("jpg", "jpeg")
 LOSSY_FORMATS = ("JPEG", "MPO")
@@ -73,6 +92,7 @@ LOSSY_FORMATS = ("JPEG", "MPO")
 # per-channel mean of 10,000 random photos is within ~0.001 of the whole set's (docs/shards.md).
 # Decoded-array sources (CIFAR, IDX, synthetic) use every image: their pixels cost nothing to get.
 DEFAULT_STATS_SAMPLE = 10_000
+MAX_NAMED_DAMAGED = 100  # verify names each damaged sample of a shard up to this many, then counts the rest
 
 console = Console(stderr=False, highlight=False)
 
@@ -340,6 +360,8 @@ def frame_sample(key: str, item: Encoded) -> bytes:
 class ChunkResult:
     blob: bytes  # the chunk's samples, each already framed as tar members, back to back
     sizes: list[int]  # bytes of each sample in `blob`
+    keys: list[str]  # each sample's key, and where it came from (sources.Sample.name)
+    origins: list[str]
     skipped: list[Skipped]
     stats: PixelStats
     dims: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each stored image
@@ -383,7 +405,7 @@ def encode_chunk(task: Task) -> ChunkResult:
     frame it; a skipped input leaves a gap in the keys rather than renumbering the rest. The
     shuffle is seeded, so the first `stats_until` positions are a seeded random sample.
     """
-    out = ChunkResult(b"", [], [], PixelStats())
+    out = ChunkResult(b"", [], [], [], [], PixelStats())
     parts, pending = [], PendingPixels(out.stats, task.plan.channels)
     for i, sample in enumerate(iter_samples(task.chunk)):
         ordinal = task.first + i
@@ -392,8 +414,11 @@ def encode_chunk(task: Task) -> ChunkResult:
             out.skipped.append(result)
             continue
         encoded, pixels = result
-        parts.append(frame_sample(f"{task.split}_{ordinal:08d}", encoded))
+        key = f"{task.split}_{ordinal:08d}"
+        parts.append(frame_sample(key, encoded))
         out.sizes.append(len(parts[-1]))
+        out.keys.append(key)
+        out.origins.append(sample.name)
         out.dims.append(encoded.size)
         if encoded.conversions:
             out.conversions.update(encoded.conversions)
@@ -439,7 +464,9 @@ class ShardWriter:
 
     Members are framed by `tar_member` (tarfile's exact bytes, faster) rather than by
     webdataset.TarWriter, which stamps every member with user/group "bigdata" and orders members
-    by name. Each shard is written under a temporary name, fsynced, then renamed.
+    by name. Each shard is written under a temporary name, fsynced, then renamed. Beside it goes its
+    per-sample table (resnet_dist.tars.SampleTable: each sample's key, byte range, digest and origin),
+    recorded as the samples are appended: the writer knows every offset, so nothing is read back.
     """
 
     def __init__(self, folder: Path, split: str, shard_size: int):
@@ -451,23 +478,34 @@ class ShardWriter:
         self.file = None
         self.offset = 0
         self.sha = hashlib.sha256()
+        self.table = SampleTable("", "", [], [], [], [], [])
 
     def _write(self, data: bytes) -> None:
         self.file.write(data)
         self.sha.update(data)
         self.offset += len(data)
 
-    def add(self, sample: bytes) -> None:
-        """Append one sample, framed by `frame_sample`."""
-        if self.file is None:
-            self.tmp = self.folder / f".{self.split}-{len(self.shards):06d}.tar.tmp"
-            self.file = open(self.tmp, "wb")
-            self.offset, self.sha = 0, hashlib.sha256()
-        self._write(sample)
-        self.count += 1
-        self.total += 1
-        if self.count == self.shard_size:
-            self._finish()
+    def add(self, sample: bytes, key: str, origin: str | None = None) -> None:
+        """Append one sample, framed by `frame_sample`, with its key and where it came from; DataError (one
+        line) if the disk refuses."""
+        try:
+            if self.file is None:
+                self.tmp = self.folder / f".{self.split}-{len(self.shards):06d}.tar.tmp"
+                self.file = open(self.tmp, "wb")
+                self.offset, self.sha = 0, hashlib.sha256()
+                self.table = SampleTable("", "", [], [], [], [], [])
+            for column, value in zip(
+                (self.table.keys, self.table.offsets, self.table.sizes, self.table.digests, self.table.origins),
+                (key, self.offset, len(sample), sample_digest(sample), origin),
+            ):
+                column.append(value)
+            self._write(sample)
+            self.count += 1
+            self.total += 1
+            if self.count == self.shard_size:
+                self._finish()
+        except OSError as exc:
+            raise write_error(self.folder, exc) from None
 
     def _finish(self) -> None:
         self._write(tar_end(self.offset))
@@ -475,31 +513,73 @@ class ShardWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         final = self.folder / self.tmp.name[1 : -len(".tmp")]
+        self.table.shard, self.table.shard_sha256 = final.name, self.sha.hexdigest()
+        table = write_json_atomic(self.folder / sidecar_name(self.sha.hexdigest()), self.table.to_json())
         os.replace(self.tmp, final)
-        self.shards.append(ShardInfo(final.name, self.count, self.sha.hexdigest(), self.offset))
+        self.shards.append(ShardInfo(final.name, self.count, self.sha.hexdigest(), self.offset, table.name))
         self.file = self.tmp = None
         self.count = 0
 
     def close(self) -> SplitInfo:
-        if self.file is not None:
-            self._finish()
+        try:
+            if self.file is not None:
+                self._finish()
+        except OSError as exc:
+            raise write_error(self.folder, exc) from None
         fsync_dir(self.folder, best_effort=True)
         return SplitInfo(self.total, tuple(self.shards))
 
     def abort(self) -> None:
-        """Drop the shard being written; finished shards stay but no index points at them."""
+        """Drop the shard being written (pack removes the finished ones: no index points at them)."""
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                pass  # closing flushes the buffer; on a full disk that fails again, and the file goes anyway
+            self.file = None
         if self.tmp is not None:
             self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+
+
+def write_error(folder: Path, exc: OSError) -> DataError:
+    """One line for a write the disk refused (full, over quota, file too large, permission, read-only)."""
+    return DataError(f"{folder}: cannot write ({exc.strerror or exc}); nothing of this run is left there")
+
+
+def remove_outputs(folder: Path) -> None:
+    """Delete the shards, sidecars and temporary files a failed run left in `folder` (not index.json: pack
+    writes it last, so a failed run has none of its own, and an older one was removed before packing)."""
+    for path in existing_outputs(folder):
+        if path.name != INDEX_NAME:
+            path.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj: dict) -> Path:
+    """`obj` as compact JSON at `path`: written to a temporary name, fsynced, renamed; nothing left on failure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide it from other users of the shards
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def existing_outputs(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(
-        p for p in folder.iterdir() if p.name == INDEX_NAME or SHARD_RE.match(p.name) or p.name.endswith(".tar.tmp")
-    )
+    return sorted(p for p in folder.iterdir() if is_output(p.name))
+
+
+def is_output(name: str) -> bool:
+    """A file the packer writes: index.json, a shard, a shard's sample table, or one of their temporaries."""
+    return name == INDEX_NAME or any(pattern.match(name) for pattern in (SHARD_RE, SIDECAR_RE, TMP_RE))
 
 
 def prepare_out_dir(folder: Path, overwrite: bool) -> None:
@@ -511,7 +591,12 @@ def prepare_out_dir(folder: Path, overwrite: bool) -> None:
             f"{folder} already holds shards ({len(found)} files, e.g. {found[0].name}): "
             "pass --overwrite to replace them"
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {folder}: cannot create ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {folder}: not writable (permission denied)")
     # The index goes first: from here on no index points at shards we are about to replace.
     for path in sorted(found, key=lambda p: p.name != INDEX_NAME):
         path.unlink()
@@ -624,10 +709,63 @@ def stats_split(splits: Iterable[str]) -> str:
 
 
 def pack(args: argparse.Namespace) -> DatasetIndex:
-    out = Path(args.out)
+    """Pack into --out; a remote --out is packed into a local staging folder, then uploaded (index last)."""
+    if not is_remote(args.out):
+        return pack_into(args, Path(args.out), args.out)
+    check_remote_out(args.out, args.overwrite)
+    staging = Path(tempfile.mkdtemp(prefix="resnet-dist-shard-"))
+    try:
+        index = pack_into(args, staging, args.out)
+        upload(staging, args.out, args.overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return index
+
+
+def check_remote_out(out: str, overwrite: bool) -> None:
+    """Before any work: the bucket must exist, and one holding an index.json needs --overwrite, as locally."""
+    from resnet_dist import remote
+
+    remote.check_bucket(out)
+    if exists(out, INDEX_NAME) and not overwrite:
+        raise UsageError(f"{out} already holds shards ({INDEX_NAME}): pass --overwrite to replace them")
+
+
+def upload(staging: Path, out: str, overwrite: bool) -> None:
+    """Each finished file of `staging`, index.json last: a reader never finds an index whose shards are not
+    all there yet. With --overwrite the old index goes first and the old shards after it, as locally."""
+    if overwrite:
+        remove_file(out, INDEX_NAME)
+        for name in list_files(out):
+            if is_output(name):
+                remove_file(out, name)
+    names = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != INDEX_NAME)
+    with Progress(TextColumn("upload"), BarColumn(), MofNCompleteColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("upload", total=len(names) + 1)
+        for name in [*names, INDEX_NAME]:
+            write_file(out, name, staging / name)
+            bar.advance(task)
+
+
+def pack_into(args: argparse.Namespace, out: Path, shown: str) -> DatasetIndex:
     source = load_source(args)
     arrange_splits(source, args)
     prepare_out_dir(out, args.overwrite)
+    try:
+        index, seconds = write_all(args, source, out)
+        try:
+            write_index(out, index)
+        except OSError as exc:
+            raise write_error(out, exc) from None
+    except BaseException:
+        remove_outputs(out)  # no index points at them: a rerun must not be asked for --overwrite
+        raise
+    summarize(index, shown, seconds)
+    return index
+
+
+def write_all(args: argparse.Namespace, source: Source, out: Path) -> tuple[DatasetIndex, float]:
+    """The index of the shards written into `out`, and the seconds it took."""
     started = time.perf_counter()
     pool = None
     if args.workers > 1:
@@ -644,9 +782,7 @@ def pack(args: argparse.Namespace) -> DatasetIndex:
         if pool is not None:
             pool.terminate()
             pool.join()
-    write_index(out, index)
-    summarize(index, out, time.perf_counter() - started)
-    return index
+    return index, time.perf_counter() - started
 
 
 @dataclass
@@ -743,8 +879,8 @@ def write_split(
                 raise DataError(f"{result.skipped[0].path}: {result.skipped[0].reason} (--strict)")
             source.skipped += [{"path": k.path, "reason": k.reason} for k in result.skipped]
             view, start = memoryview(result.blob), 0
-            for nbytes in result.sizes:
-                writer.add(view[start : start + nbytes])
+            for nbytes, key, origin in zip(result.sizes, result.keys, result.origins):
+                writer.add(view[start : start + nbytes], key, origin)
                 start += nbytes
             totals.add(result)
             progress.advance(bar, len(result.sizes) + len(result.skipped))
@@ -786,7 +922,7 @@ def build_index(source: Source, args, size, channels: int, totals: Totals, sampl
     )
 
 
-def summarize(index: DatasetIndex, out: Path, seconds: float) -> None:
+def summarize(index: DatasetIndex, out: str | Path, seconds: float) -> None:
     table = Table(title=f"{index.source} -> {out}", title_justify="left")
     for col in ("split", "samples", "shards", "MB"):
         table.add_column(col, justify="left" if col == "split" else "right")
@@ -827,47 +963,25 @@ def summarize(index: DatasetIndex, out: Path, seconds: float) -> None:
 # --- verify ---------------------------------------------------------------------------------------
 
 
-def read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) for consecutive tar members sharing a key, as WebDataset groups them."""
-    with tarfile.open(path, "r:") as tar:
-        key, members = None, {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, _, suffix = info.name.partition(".")
-            if k != key and key is not None:
-                yield key, members
-                members = {}
-            key = k
-            if suffix in members:
-                raise DataError(f"member {info.name} appears twice in a row")
-            members[suffix] = tar.extractfile(info).read()
-        if key is not None:
-            yield key, members
-
-
-def check_sample(key: str, members: dict[str, bytes], index: DatasetIndex) -> tuple[list[str], tuple[int, int] | None]:
+def check_sample(key: str, members: dict, index: DatasetIndex) -> tuple[list[str], tuple[int, int] | None]:
     """Problems with one sample, and its image's (height, width) when it decodes."""
     problems = []
-    images = [s for s in members if s in ("png", "jpg", "jpeg")]
+    images = [s for s in members if s in IMAGE_EXTS]
     if len(images) != 1:
-        return [f"{key}: expected one png/jpg member, found {sorted(members)}"], None
-    labels = [("cls", index.num_classes)] + [(f"{k}.cls", len(v)) for k, v in index.extra_labels.items()]
-    for suffix, count in labels:
-        text = members.get(suffix)
+        return [f"{key}: expected one image member, found {sorted(members)}"], None
+    try:  # the label as the loader reads it: index.json's label rule (our shards: the integer in KEY.cls)
+        sample_label(members, index.label, class_ids(index))
+    except ValueError as exc:
+        problems.append(f"{key}: {exc}")
+    for name, classes in index.extra_labels.items():
+        suffix, text = f"{name}.cls", members.get(f"{name}.cls")
         if text is None:
             problems.append(f"{key}: no {suffix} member")
-            continue
-        try:
-            label = int(text.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            problems.append(f"{key}: {suffix} is not an integer: {text[:20]!r}")
-            continue
-        if not 0 <= label < count:
-            problems.append(f"{key}: {suffix} {label} outside 0..{count - 1}")
+        elif not bytes(text).strip().isdigit() or int(text) >= len(classes):
+            problems.append(f"{key}: {suffix} {bytes(text)[:20]!r} is not a label in 0..{len(classes) - 1}")
     name = f"{key}.{images[0]}"
     try:
-        raw = decode_file(members[images[0]])
+        raw = decode_file(bytes(members[images[0]]))
         im = raw.convert("L" if index.channels == 1 else "RGB")
     except Exception as exc:
         return problems + [f"{name}: does not decode ({exc})"], None
@@ -892,30 +1006,72 @@ def check_geometry(name: str, im: Image.Image, index: DatasetIndex) -> list[str]
     return problems
 
 
-def verify_shard(folder: Path, shard: ShardInfo, index: DatasetIndex, seen: set[str], dims: list) -> list[str]:
-    path = folder / shard.file
-    if not path.is_file():
-        return [f"{shard.file}: missing"]
-    problems = []
-    if path.stat().st_size != shard.bytes:
-        problems.append(f"{shard.file}: {path.stat().st_size} bytes, index says {shard.bytes}")
-    if sha256_file(path) != shard.sha256:
-        problems.append(f"{shard.file}: sha256 differs from the index (the file changed or is damaged)")
-    count, sample_problems = 0, []
+def readable_groups(data: bytes) -> tuple[list[Group], str | None]:
+    """The shard's samples up to the first damage in its tar structure, and that damage."""
+    groups: list[Group] = []
     try:
-        for key, members in read_samples(path):
-            count += 1
-            if key in seen:
-                sample_problems.append(f"{key}: key appears more than once")
-            seen.add(key)
-            found, size = check_sample(key, members, index)
-            sample_problems += found
-            if size is not None:
-                dims.append(size)
-    except (tarfile.TarError, DataError, OSError, EOFError) as exc:
-        problems.append(f"{shard.file}: unreadable tar after {count} samples ({exc})")
-    if count != shard.num_samples:
-        problems.append(f"{shard.file}: {count} samples, index says {shard.num_samples}")
+        groups.extend(g for g in tar_groups(data) if g.is_sample)
+    except ValueError as exc:
+        return groups, str(exc)
+    return groups, None
+
+
+def shard_table(tables: str, shard: ShardInfo) -> tuple[SampleTable | None, list[str]]:
+    """The shard's per-sample table if it has one that can be trusted, and why not if it cannot."""
+    if shard.samples is None:
+        return None, []
+    try:
+        return load_table(tables, shard), []
+    except DataError as exc:
+        return None, [f"{shard.file}: {exc}"]
+
+
+def shard_samples(data: bytes, shard: ShardInfo, table: SampleTable | None, changed: bool) -> tuple[list, list[str]]:
+    """(the key groups to check, problems): a changed shard with a table is read sample by sample, each
+    sample checked against its own digest and named if it changed; otherwise the tar is walked."""
+    if changed and table is not None:
+        damaged = damaged_samples(data, table)
+        problems = damaged[:MAX_NAMED_DAMAGED] + [f"{shard.file}: {len(damaged)} of {len(table.keys)} samples damaged"]
+        if len(damaged) > MAX_NAMED_DAMAGED:
+            problems.insert(MAX_NAMED_DAMAGED, f"{shard.file}: ... and {len(damaged) - MAX_NAMED_DAMAGED} more")
+        groups = [intact_group(data, table, k) for k in range(len(table.keys))]
+        return [g for g in groups if g is not None], problems
+    groups, error = readable_groups(data)
+    problems = [] if error is None else [f"{shard.file}: unreadable tar after {len(groups)} samples ({error})"]
+    if len(groups) != shard.num_samples:
+        problems.append(f"{shard.file}: {len(groups)} samples, index says {shard.num_samples}")
+    if table is not None and not changed:
+        # An intact shard's table must describe it exactly, or a later damage would be misjudged.
+        made = sample_table(data, shard.file, shard.sha256, table.origins) if error is None else None
+        if made is None or made.to_json() != table.to_json():
+            problems.append(f"{shard.file}: its per-sample table {shard.samples} does not describe it")
+    return groups, problems
+
+
+def verify_shard(where: tuple[str, str], shard: ShardInfo, index: DatasetIndex, seen: set, dims: list) -> list[str]:
+    """Problems of one shard; `where` is (where the tars are, where index.json and the tables are)."""
+    try:
+        data = read_bytes(where[0], shard.file)
+    except DataError as exc:
+        return [f"{shard.file}: missing or unreadable ({exc})"]
+    problems = []
+    if len(data) != shard.bytes:
+        problems.append(f"{shard.file}: {len(data)} bytes, index says {shard.bytes}")
+    changed = hashlib.sha256(data).hexdigest() != shard.sha256
+    if changed:
+        problems.append(f"{shard.file}: sha256 differs from the index (the file changed or is damaged)")
+    table, found = shard_table(where[1], shard)
+    groups, more = shard_samples(data, shard, table, changed)
+    problems += found + more
+    sample_problems = []
+    for group in groups:
+        if group.key in seen:
+            sample_problems.append(f"{group.key}: key appears more than once")
+        seen.add(group.key)
+        found, size = check_sample(group.key, group.payloads(data), index)
+        sample_problems += found
+        if size is not None:
+            dims.append(size)
     # A damaged shard can fail every sample: name a few, count the rest.
     problems += [f"{shard.file}: {p}" for p in sample_problems[:5]]
     if len(sample_problems) > 5:
@@ -923,12 +1079,15 @@ def verify_shard(folder: Path, shard: ShardInfo, index: DatasetIndex, seen: set[
     return problems
 
 
-def verify(folder: Path) -> list[str]:
-    index = load_index(folder)
+def verify(base: str | Path) -> list[str]:
+    """Every problem of the dataset whose index.json is at `base` (a folder or URL), one line each."""
+    base = str(base)
+    index = read_index(base)
+    where = (shards_at(base, index), base)
     problems: list[str] = []
     seen: set[str] = set()
     dims: list[tuple[int, int]] = []
-    table = Table(title=f"verify {folder}", title_justify="left")
+    table = Table(title=f"verify {base}", title_justify="left")
     for col in ("split", "samples", "shards", "problems"):
         table.add_column(col, justify="left" if col == "split" else "right")
     with Progress(
@@ -938,7 +1097,7 @@ def verify(folder: Path) -> list[str]:
             task = progress.add_task(name, total=len(split.shards))
             found = []
             for shard in split.shards:
-                found += verify_shard(folder, shard, index, seen, dims)
+                found += verify_shard(where, shard, index, seen, dims)
                 progress.advance(task)
             problems += found
             table.add_row(
@@ -1014,7 +1173,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", choices=SOURCES, help="source layout (see docs/shards.md)")
     p.add_argument("--root", type=Path, help="where the source lives (not for synthetic)")
-    p.add_argument("--out", type=Path, help="output folder (default: shards/<source>)")
+    p.add_argument(
+        "--out",
+        help="output folder or object-store URL (s3://, gs://, az://, hf://; default: shards/<source>)",
+    )
     p.add_argument(
         "--format",
         choices=("png", "jpeg"),
@@ -1080,7 +1242,12 @@ def check_args(args: argparse.Namespace) -> None:
         if args.image_size is not None:
             raise UsageError("--max-size and --image-size exclude each other: pick one")
     if args.out is None:
-        args.out = Path("shards") / args.source
+        args.out = str(Path("shards") / args.source)
+    check_location(args.out, "--out")
+    if is_url(args.out):
+        raise UsageError(f"--out {args.out}: cannot write to an http(s) URL (a folder or an object store: s3://...)")
+    if not is_remote(args.out):
+        args.out = local_path(args.out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1089,8 +1256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         vp = OneLineParser(
             prog="python -m resnet_dist.shard verify", description="Re-read every shard of a packed folder."
         )
-        vp.add_argument("dir", type=Path, help="folder holding index.json and the shards")
-        folder = vp.parse_args(argv[1:]).dir
+        vp.add_argument("dir", help="folder holding index.json, or its URL (s3://, gs://, hf://, ...)")
+        folder = check_location(vp.parse_args(argv[1:]).dir, "verify")
         problems = verify(folder)
         for p in problems:
             print(f"error: {p}", file=sys.stderr)

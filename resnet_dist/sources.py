@@ -16,7 +16,7 @@ import re
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,9 @@ MNIST_CLASSES = [
 
 @dataclass(frozen=True)
 class Sample:
-    name: str  # where it came from, for messages: "data_batch_3[17]", "train/cat/a.jpg"
+    # Where it came from, for messages and the shard's per-sample table: the source file's path relative
+    # to --root ("train/cat/a.jpg"), or the dataset's own id for array layouts ("data_batch_3[17]").
+    name: str
     label: int
     coarse: int | None = None
     array: np.ndarray | None = None  # uint8 HxW or HxWxC, or ...
@@ -73,7 +75,10 @@ class Split:
     images: np.ndarray | None = None  # uint8, N x H x W (x C)
     files: tuple[str, ...] | None = None  # paths relative to `root`
     root: Path | None = None
-    names: str = ""  # array sources: what to call sample i in messages ("test_batch")
+    # Array sources: each sample's id in the dataset as distributed ("data_batch_3[17]"), kept through
+    # shuffles and slices so a packed sample can be traced to it.
+    ids: tuple[str, ...] | None = None
+    prefix: str = ""  # file sources: `root` relative to --root ("tiny-imagenet-200/"), so names are from --root
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -87,7 +92,8 @@ class Split:
             images=None if self.images is None else self.images[idx],
             files=None if self.files is None else tuple(self.files[i] for i in idx),
             root=self.root,
-            names=self.names,
+            ids=None if self.ids is None else tuple(self.ids[i] for i in idx),
+            prefix=self.prefix,
         )
 
 
@@ -108,8 +114,9 @@ def iter_samples(split: Split) -> Iterator[Sample]:
     coarse = [None] * len(split) if split.coarse is None else split.coarse.tolist()
     labels = split.labels.tolist()
     if split.images is not None:
+        ids = split.ids or tuple(f"[{i}]" for i in range(len(split)))
         for i, (label, c) in enumerate(zip(labels, coarse)):
-            yield Sample(f"{split.names}[{i}]", label, c, array=split.images[i])
+            yield Sample(ids[i], label, c, array=split.images[i])
         return
     assert split.files is not None and split.root is not None
     for rel, label, c in zip(split.files, labels, coarse):
@@ -117,9 +124,27 @@ def iter_samples(split: Split) -> Iterator[Sample]:
             data = (split.root / rel).read_bytes()
         except OSError as exc:
             # An unreadable file is a skip like an undecodable one: the writer reports it.
-            yield Sample(rel, label, c, error=f"cannot read: {exc.strerror or exc}")
+            yield Sample(split.prefix + rel, label, c, error=f"cannot read: {exc.strerror or exc}")
             continue
-        yield Sample(rel, label, c, data=data, ext=Path(rel).suffix.lower().lstrip("."))
+        yield Sample(split.prefix + rel, label, c, data=data, ext=Path(rel).suffix.lower().lstrip("."))
+
+
+def array_ids(name: str, count: int) -> tuple[str, ...]:
+    """Ids of the images of one array file: "test_batch[0]", "test_batch[1]", ... (their index in it)."""
+    return tuple(f"{name}[{i}]" for i in range(count))
+
+
+def prefix_of(folder: Path, root: Path) -> str:
+    """`folder` relative to --root as a name prefix: "" when it is --root, else "tiny-imagenet-200/"."""
+    rel = os.path.relpath(folder, root)
+    return "" if rel == "." else Path(rel).as_posix() + "/"
+
+
+def from_root(source: Source, folder: Path, root: Path) -> Source:
+    """Name the files of splits found under `folder` from --root, as the user can find them."""
+    prefix = prefix_of(folder, root)
+    source.splits = {name: replace(split, prefix=prefix) for name, split in source.splits.items()}
+    return source
 
 
 # --- CIFAR ----------------------------------------------------------------------------------------
@@ -191,7 +216,8 @@ def read_cifar10(root: Path) -> Source:
             batch = load_cifar_pickle(folder / n)
             images.append(cifar_images(batch, str(folder / n)))
             labels.append(_labels(batch, "labels", len(images[-1]), 10, str(folder / n)))
-        return Split(labels=np.concatenate(labels), images=np.concatenate(images), names="+".join(names))
+        ids = tuple(f"{n}[{i}]" for n, batch in zip(names, images) for i in range(len(batch)))
+        return Split(labels=np.concatenate(labels), images=np.concatenate(images), ids=ids)
 
     return Source(
         name="cifar10",
@@ -223,7 +249,7 @@ def read_cifar100(root: Path) -> Source:
             labels=_labels(batch, "fine_labels", len(images), 100, where),
             coarse=_labels(batch, "coarse_labels", len(images), 20, where),
             images=images,
-            names=name,
+            ids=array_ids(name, len(images)),
         )
 
     return Source(
@@ -296,7 +322,8 @@ def _read_idx_source(name: str, classes: list[str], root: Path, subdir: str) -> 
             raise DataError(f"{labels_path}: {labels.shape} labels for {len(images)} images")
         if labels.size and labels.max() >= len(classes):
             raise DataError(f"{labels_path}: labels outside 0..{len(classes) - 1}")
-        splits[split] = Split(labels=labels.astype(np.int64), images=images, names=images_path.name)
+        ids = array_ids(images_path.name.removesuffix(".gz"), len(images))
+        splits[split] = Split(labels=labels.astype(np.int64), images=images, ids=ids)
     return Source(
         name=name,
         classes=list(classes),
@@ -398,7 +425,7 @@ def read_tiny_imagenet(root: Path) -> Source:
     if test_dir.is_dir():
         count = len(_image_files(test_dir, test_dir))
         source.notes.append(f"test/ has no labels: skipped ({count} images)")
-    return source
+    return from_root(source, folder, root)
 
 
 # --- ImageFolder ----------------------------------------------------------------------------------
@@ -586,7 +613,7 @@ def read_imagenet(root: Path) -> Source:
     if (data / "test").is_dir():
         count = len(_image_files(data / "test", data))
         source.notes.append(f"test/ has no labels: skipped ({count} images)")
-    return source
+    return from_root(source, data, root)
 
 
 # --- synthetic ------------------------------------------------------------------------------------
@@ -615,7 +642,7 @@ def read_synthetic(num_classes: int, image_size: int, num_samples: int, channels
     for offset, (name, count) in enumerate((("train", num_samples), ("test", max(1, num_samples // 5)))):
         labels = np.arange(count, dtype=np.int64) % num_classes
         images = synthetic_images(labels, image_size, channels, num_classes, seed=1000 + offset)
-        splits[name] = Split(labels=labels, images=images, names=f"synthetic-{name}")
+        splits[name] = Split(labels=labels, images=images, ids=array_ids(f"synthetic-{name}", count))
     return Source(
         name="synthetic",
         classes=[f"class_{i}" for i in range(num_classes)],

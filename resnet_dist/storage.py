@@ -1,11 +1,16 @@
-"""Where shards live: a local folder or an http(s) URL prefix holding index.json and the tars.
+"""Where shards live: one storage layer for every location a user can name.
+
+Locations: a plain path or file:// (local), http(s):// (our own urllib client, below), and s3://, gs:// (gcs://),
+az:// (abfs://), hf:// through fsspec and its backends (s3fs, gcsfs, adlfs, huggingface_hub's HfFileSystem),
+installed as extras. Any other `scheme://` is a UsageError naming the supported ones: it is never taken for a
+local folder name (`Path("s3://b/x")` is the folder `s3:/b/x`). `check_location` is what the CLIs call first.
 
 Over HTTP every request goes through `_retrying`: transient failures (refused or reset connections,
 bodies cut short, timeouts, 5xx, 408/429) are retried with capped exponential backoff and jitter;
 anything else, or running out of tries, is one DataError line naming the URL, the cause and the tries.
 The settings are environment variables read at call time, so DataLoader worker processes (which
 inherit the environment, not this module's state) see the same values as the main process.
-docs/http.md is the user-facing description.
+docs/storage.md is the user-facing description; the fsspec side is in remote.py.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import socket
 import ssl
 import time
@@ -26,7 +32,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from resnet_dist.errors import DataError, UsageError
+from resnet_dist.filesafe import fsync_dir
 from resnet_dist.index import DatasetIndex, ShardInfo, parse_index, shards_at
+from resnet_dist.locations import check_location, local_path, scheme_of
 
 ENV_RETRIES = "RESNET_DIST_HTTP_RETRIES"  # total tries per request, including the first
 ENV_TIMEOUT = "RESNET_DIST_HTTP_TIMEOUT"  # seconds for the connect and for each blocking read
@@ -47,13 +55,21 @@ _T = TypeVar("_T")
 
 
 def is_url(base: str) -> bool:
+    """An http(s) URL: served by this module's own retrying urllib client."""
     return base.startswith(("http://", "https://"))
+
+
+def is_remote(base: str) -> bool:
+    """Anything not on this machine's file system (http(s) and every fsspec scheme)."""
+    return scheme_of(base) not in (None, "file")
 
 
 def _join(base: str, name: str) -> str:
     if is_url(base):
         return f"{base.rstrip('/')}/{urllib.parse.quote(name)}"
-    return str(Path(base) / name)
+    if scheme_of(base) in (None, "file"):
+        return str(Path(local_path(base)) / name)
+    return f"{base.rstrip('/')}/{name}"
 
 
 # --- settings -------------------------------------------------------------------------------------
@@ -203,39 +219,36 @@ def fetch(url: str) -> bytes:
 # --- public API -----------------------------------------------------------------------------------
 
 
+def _kind(base: str) -> str:
+    """ "local", "http" or "fsspec" for a location `check_location` accepts; its UsageError otherwise."""
+    check_location(base)
+    scheme = scheme_of(base)
+    if scheme in (None, "file"):
+        return "local"
+    return "http" if scheme in ("http", "https") else "fsspec"
+
+
 def read_bytes(base: str, name: str) -> bytes:
-    """The whole file `name` under `base` (a folder or an http(s) URL prefix)."""
-    if is_url(base):
+    """The whole file `name` under `base` (a folder, an http(s) URL prefix or an fsspec URL)."""
+    kind = _kind(base)
+    if kind == "http":
         return fetch(_join(base, name))
-    path = Path(base) / name
+    if kind == "fsspec":
+        from resnet_dist import remote
+
+        return remote.read(base, name)
+    path = Path(local_path(base)) / name
     try:
         return path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def list_files(base: str) -> list[str]:
-    """The names of the files directly in `base`, sorted. Local folders only here: plain http(s) has no
-    listing (`shard index` takes a brace pattern for it), and other schemes are refused, never a folder."""
-    if is_url(base):
-        hint = f"{base.rstrip('/')}/x-{{0000..0009}}.tar"
-        raise UsageError(f"{base}: an http(s) URL cannot be listed: give a brace pattern like {hint}")
-    if "://" in base:
-        raise UsageError(f"{base}: unsupported URL scheme {base.split('://', 1)[0]}://")
-    folder = Path(base)
-    if not folder.is_dir():
-        raise DataError(f"{base}: no such folder")
-    try:
-        return sorted(p.name for p in folder.iterdir() if p.is_file())
-    except OSError as exc:
-        raise DataError(f"{base}: cannot list ({exc.strerror or exc})") from None
-
-
 def read_index(base: str) -> DatasetIndex:
     """index.json of a local folder or URL prefix; one clear DataError if absent or malformed."""
     where = _join(base, "index.json")
-    if not is_url(base):
-        if not Path(base).is_dir():
+    if _kind(base) == "local":
+        if not Path(local_path(base)).is_dir():
             raise DataError(f"{base}: no such folder (expected a shard folder made by `python -m resnet_dist.shard`)")
         if not Path(where).is_file():
             raise DataError(f"{where}: not found (expected a shard folder made by `python -m resnet_dist.shard`)")
@@ -245,6 +258,79 @@ def read_index(base: str) -> DatasetIndex:
     except (ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"{where}: not valid JSON ({_one_line(exc)})") from None
     return parse_index(obj, where)
+
+
+def list_files(base: str) -> list[str]:
+    """Names of the files directly under `base`, sorted; [] if it does not exist."""
+    kind = _kind(base)
+    if kind == "http":
+        raise DataError(
+            f"{base}: an http(s) server cannot list a folder: name the shards with a brace pattern "
+            "(train-{000000..000009}.tar) or point at an index.json"
+        )
+    if kind == "fsspec":
+        from resnet_dist import remote
+
+        return remote.list_files(base)
+    folder = Path(local_path(base))
+    return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def exists(base: str, name: str) -> bool:
+    """Whether file `name` exists under `base`."""
+    kind = _kind(base)
+    if kind == "http":
+        try:
+            remote_size(_join(base, name))
+        except HTTPStatusError as exc:
+            if exc.status in (404, 410):
+                return False
+            raise
+        return True
+    if kind == "fsspec":
+        from resnet_dist import remote
+
+        return remote.exists(base, name)
+    return (Path(local_path(base)) / name).is_file()
+
+
+def write_file(base: str, name: str, local_file: str | Path) -> None:
+    """Copy `local_file` to `name` under `base`, whole or not at all: a local temporary file, fsynced and
+    renamed; a remote object store's single put. DataError (one line) if the store refuses."""
+    kind = _kind(base)
+    if kind == "http":
+        raise UsageError(f"{base}: cannot write to an http(s) URL (write to a folder or an object store)")
+    if kind == "fsspec":
+        from resnet_dist import remote
+
+        return remote.put(base, name, str(local_file))
+    dest = Path(local_path(base)) / name
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(local_file, "rb") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{dest}: cannot write ({exc.strerror or exc})") from None
+    fsync_dir(dest.parent, best_effort=True)
+
+
+def remove_file(base: str, name: str) -> None:
+    """Delete `name` under `base` if it is there."""
+    kind = _kind(base)
+    if kind == "http":
+        raise UsageError(f"{base}: cannot delete from an http(s) URL")
+    if kind == "fsspec":
+        from resnet_dist import remote
+
+        if remote.exists(base, name):
+            remote.remove(base, name)
+        return
+    (Path(local_path(base)) / name).unlink(missing_ok=True)
 
 
 def _content_range_total(value: str | None) -> int | None:
@@ -296,24 +382,43 @@ def _check_remote_shard(base: str, shard: ShardInfo) -> str | None:
     return None
 
 
+def _check_fsspec(base: str, shards: list[ShardInfo]) -> list[str]:
+    from resnet_dist import remote
+
+    sizes = remote.sizes(base, [s.file for s in shards])
+    problems = []
+    for shard in shards:
+        url, size = _join(base, shard.file), sizes[shard.file]
+        if size is None:
+            problems.append(f"{url}: shard listed in index.json is missing")
+        elif size != shard.bytes:
+            problems.append(f"{url}: {size} bytes, index.json says {shard.bytes}")
+    return problems
+
+
 def check_shards(base: str, index: DatasetIndex, splits: list[str]) -> None:
     """Cheap up-front check that each shard exists with the size index.json gives.
 
     Hashing every byte would cost a full pass over the data; sizes catch missing and truncated files.
-    Over HTTP that is one HEAD per shard, CHECK_THREADS at a time.
+    Over HTTP that is one HEAD per shard, CHECK_THREADS at a time; on an object store one listing per
+    folder of shards. `base` is where index.json is; the tars are at `shards_at(base, index)`.
     """
+    base = shards_at(base, index)
     shards = [shard for split in splits for shard in index.splits[split].shards]
-    base = shards_at(base, index)  # foreign shards indexed elsewhere: the tars are at shard_base
-    if is_url(base):
-        with ThreadPoolExecutor(max_workers=min(CHECK_THREADS, len(shards)) or 1) as pool:
-            problems = [p for p in pool.map(lambda s: _check_remote_shard(base, s), shards) if p]
+    kind = _kind(base)
+    if kind != "local":
+        if kind == "http":
+            with ThreadPoolExecutor(max_workers=min(CHECK_THREADS, len(shards)) or 1) as pool:
+                problems = [p for p in pool.map(lambda s: _check_remote_shard(base, s), shards) if p]
+        else:
+            problems = _check_fsspec(base, shards)
         if problems:
             # In index order, so the message is the same on every rank and every run; one line.
             more = f" (and {len(problems) - 1} more shards with problems)" if len(problems) > 1 else ""
             raise DataError(problems[0] + more)
         return
     for shard in shards:
-        path = Path(base) / shard.file
+        path = Path(local_path(base)) / shard.file
         if not path.is_file():
             raise DataError(f"{path}: shard listed in index.json is missing")
         if path.stat().st_size != shard.bytes:

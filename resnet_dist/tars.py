@@ -186,20 +186,24 @@ def tar_samples(data: bytes, piece: _Piece) -> Iterator[dict]:
 
 # --- per-sample table -----------------------------------------------------------------------------
 # A shard's samples, each with its byte range and a digest of those bytes, kept in a sidecar file
-# beside index.json ("SHARD.samples.json"). A reader whose shard fails its whole-file sha256 checks
+# beside index.json ("samples-SHA.json"). A reader whose shard fails its whole-file sha256 checks
 # each sample's own bytes and loses only those that changed; the offsets let it seek straight to
-# sample k. Why a sidecar and not index.json: at ImageNet scale (1.28 M samples) the table is ~60 MB
-# of JSON that every rank would parse at start for the rare damaged shard; a sidecar is read only
-# for the shard that needs it. Why blake2b-64 per sample: random damage is what it must catch (the
-# whole-file sha256 still guards the shard), and 16 hex digits keep the sidecar at ~70 bytes a sample.
+# sample k. Why a sidecar and not index.json: at ImageNet scale (1.28 M samples) the table is ~120 MB
+# of JSON (~400 MB of Python objects) that every process would parse at start for the rare damaged
+# shard; a sidecar is read only for the shard that needs it (docs/shard-format.md). Why blake2b-64 per
+# sample: random damage is what it must catch (the whole-file sha256 still guards the shard), and 16 hex
+# digits keep the sidecar at ~80-95 bytes a sample, origins included.
 
-SIDECAR_SUFFIX = ".samples.json"
+# Named by the shard's content, not its file name: a name holding a split word ("train-000000...") is
+# taken for a data file of that split by Hugging Face datasets' `data_dir=` loading, which then fails
+# reading the table as a tar; 16 hex digits can never spell train/val/test.
+SIDECAR_RE = re.compile(r"^samples-[0-9a-f]{16}\.json$")
 SIDECAR_FORMAT = "resnet-dist-samples"
 DIGEST = "blake2b-64"
 
 
-def sidecar_name(shard_file: str) -> str:
-    return shard_file + SIDECAR_SUFFIX
+def sidecar_name(shard_sha256: str) -> str:
+    return f"samples-{shard_sha256[:16]}.json"
 
 
 def sample_digest(data: bytes) -> str:

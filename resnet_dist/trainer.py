@@ -24,7 +24,14 @@ from resnet_dist.engine import Step, bare, evaluate, make_accelerator, precision
 from resnet_dist.errors import Interrupted, TrainingError, UsageError
 from resnet_dist.filesafe import write_json_atomic
 from resnet_dist.gpu_decode import batch_to_device
-from resnet_dist.guard import Diverged, StepGuard, StopRequest, is_collective_timeout, name_silent_ranks
+from resnet_dist.guard import (
+    REQUEUE_SIGNAL,
+    Diverged,
+    StepGuard,
+    StopRequest,
+    is_collective_timeout,
+    name_silent_ranks,
+)
 from resnet_dist.models import build_model, count_parameters
 from resnet_dist.optim import build_optimizer, build_scheduler
 from resnet_dist.recipes import RECIPES, scaled_lr
@@ -388,15 +395,17 @@ def train_epochs(run: Run) -> None:
 
 
 def stop(run: Run) -> None:
-    """After SIGTERM/SIGINT: every rank has finished the same step; save and exit as interrupted."""
+    """After SIGTERM/SIGINT/SIGUSR1: every rank has finished the same step; save and exit as interrupted."""
     save(run, "last")
-    signum = run.step.guard.stop.signum or signal.SIGTERM  # another rank may have received it
+    signum = run.step.guard.stop_signal()  # the job's, agreed by every rank
     end_run(run.step.accelerator)
+    requeue = signum == REQUEUE_SIGNAL
+    then = "exit 0 to be requeued; the requeued job resumes" if requeue else "run the same command again to resume"
     raise Interrupted(
         f"stopped by {signal.Signals(signum).name} at epoch {run.epoch + 1}, optimizer step "
-        f"{run.global_step}: saved {run.run_dir / 'checkpoints' / 'last'}; run the same command "
-        f"again to resume",
+        f"{run.global_step}: saved {run.run_dir / 'checkpoints' / 'last'}; {then}",
         signum,
+        exit_code=0 if requeue else None,
     )
 
 

@@ -81,3 +81,26 @@ def uneven_shards(tmp_path_factory) -> Path:
         121,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server (+ fault proxy) on 127.0.0.1 for the whole session; tests use `s3`, not this."""
+    pytest.importorskip("moto.server", reason="needs moto[server] (pip install 'resnet-dist[dev]')")
+    from s3server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The session's S3 server with an empty request log and no faults pending, and this process's
+    environment pointed at it (for in-process clients); subprocesses take `run_env(**s3.env)`."""
+    s3_server.clear()
+    for name in s3_server.ENV_DROP:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    yield s3_server
+    s3_server.clear()

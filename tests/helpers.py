@@ -91,3 +91,27 @@ def launch(
 
 def train(*args: str, **kw) -> subprocess.CompletedProcess:
     return launch(TRAIN, *args, **kw)
+
+
+# Launches that span "machines": a port both sides know in advance ---------------------------------------
+
+# What a launcher on machine 0 says when the port it was given is taken: Accelerate's check before it starts,
+# torch's store when it binds. Only these make a multi-machine test start again on another port.
+PORT_TAKEN = ("another process is utilizing it", "EADDRINUSE")
+
+
+def free_port() -> int:
+    """A port free now, for launches that must agree on one before they start (machine 1 cannot learn the
+    port machine 0 bound as 0). Another program may take it before machine 0 binds it: see PORT_TAKEN."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_env(**extra) -> dict:
+    """run_env without PET_STANDALONE: standalone is a one-machine rendezvous on a port of its own choosing."""
+    env = run_env(OMP_NUM_THREADS="1", **extra)
+    env.pop("PET_STANDALONE", None)
+    return env

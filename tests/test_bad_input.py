@@ -46,6 +46,11 @@ TRAIN_CASES = [
     ([*T, "--wandb-mode", "cloud"], "argument --wandb-mode: invalid choice: 'cloud'"),
     ([*T, "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     ([*T, "stray"], "unrecognized arguments: stray"),
+    # Locations: a URL is never taken for a local folder name (Path("s3://b/x") is the folder s3:/b/x).
+    (["--data", "s3:/bkt/x", "--out", "OUT"], "--data s3:/bkt/x: looks like a URL with a slash missing after 's3:'"),
+    (["--data", "ftp://host/x", "--out", "OUT"], "--data ftp://host/x: unsupported scheme 'ftp://' (supported: "),
+    (["--data", "s3://AKIAX:hunter2@bkt/x", "--out", "OUT"], "s3://...@bkt/...: a URL must not carry credentials"),
+    (["--data", "DATA", "--out", "s3://bkt/run"], "the run folder must be on this machine's file system"),
 ]
 
 SHARD_CASES = [
@@ -77,14 +82,26 @@ VERIFY_CASES = [
     (["verify"], "the following arguments are required: dir"),
     (["verify", "ROOT", "ROOT"], "unrecognized arguments: "),
     (["verify", "ROOT", "--deep"], "unrecognized arguments: --deep"),
+    (["verify", "ftp://host/x"], "verify ftp://host/x: unsupported scheme 'ftp://'"),
+    (["verify", "gs:/bkt/x"], "verify gs:/bkt/x: looks like a URL with a slash missing after 'gs:'"),
+]
+
+SHARD_OUT_CASES = [
+    ("s3:/bkt/x", "--out s3:/bkt/x: looks like a URL with a slash missing after 's3:'; write s3://..."),
+    ("s3:bkt/x", "--out s3:bkt/x: looks like a URL"),
+    ("ftp://host/x", "--out ftp://host/x: unsupported scheme 'ftp://' (supported: a local path, file://"),
+    ("webdav://host/x", "unsupported scheme 'webdav://'"),
+    ("https://host/x", "--out https://host/x: cannot write to an http(s) URL"),
+    ("s3://AKIAX:hunter2@bkt/x", "--out s3://...@bkt/...: a URL must not carry credentials"),
+    ("s3://", "--out s3://: names no bucket or repository"),
 ]
 
 INDEX_CASES = [
     (["index"], "the following arguments are required: source"),
     (["index", "ROOT/missing"], "ROOT/missing: no such folder"),
     (["index", "ROOT"], "ROOT: no .tar files there"),
-    (["index", "nosuch://bucket/shards"], "nosuch://bucket/shards: unsupported URL scheme nosuch://"),
-    (["index", "https://example.com/shards"], "an http(s) URL cannot be listed: give a brace pattern like"),
+    (["index", "nosuch://bucket/shards"], "location nosuch://bucket/shards: unsupported scheme 'nosuch://'"),
+    (["index", "https://example.com/shards"], "an http(s) server cannot list a folder: name the shards"),
     (["index", "ROOT/{a,b}/x-0.tar"], "a brace pattern must expand to files of one folder"),
     (["index", "ROOT", "--out", "s3://bucket/x"], "--out s3://bucket/x: must be a local folder"),
     (["index", "ROOT", "--label", "xml"], "argument --label: invalid choice: 'xml'"),
@@ -120,7 +137,7 @@ def assert_one_error_line(code: int, err: str, message: str) -> None:
 
 
 def test_the_table_is_big_enough():
-    assert len(TRAIN_CASES) + len(SHARD_CASES) + len(VERIFY_CASES) >= 45
+    assert len(TRAIN_CASES) + len(SHARD_CASES) + len(VERIFY_CASES) + len(SHARD_OUT_CASES) >= 45
 
 
 @pytest.mark.parametrize("argv,message", TRAIN_CASES)
@@ -146,6 +163,14 @@ def test_shard_bad_invocation(argv, message, tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", INDEX_CASES)
 def test_shard_index_bad_invocation(argv, message, tmp_path, capsys):
     assert_one_error_line(*invoke(shard_main, argv, tmp_path, capsys), message.replace("ROOT", str(tmp_path)))
+
+
+@pytest.mark.parametrize("out,message", SHARD_OUT_CASES)
+def test_shard_bad_out_location(out, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = invoke(shard_main, ["synthetic", "--num-samples", "20", "--out", out], tmp_path, capsys)
+    assert_one_error_line(code, err, message)
+    assert "hunter2" not in err and list(tmp_path.iterdir()) == []  # no local folder named after the URL
 
 
 @pytest.mark.parametrize("argv,message", VERIFY_CASES)

@@ -42,3 +42,34 @@ def test_after_a_sigterm_the_first_ctrl_c_waits_and_the_second_stops(clock):
     clock[0] += SECOND_CTRL_C_AFTER
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
+
+
+def test_sigusr1_asks_for_a_requeue_whatever_came_first(clock):
+    stop = StopRequest()
+    stop._handle(signal.SIGTERM, None)
+    assert not stop.requeue
+    stop._handle(signal.SIGUSR1, None)  # SLURM's notice, after or before the scheduler's SIGTERM
+    assert stop.signum == signal.SIGTERM and stop.requeue
+
+
+class OneRank:
+    """The accelerator's reduce over a world of one: the tensor as it is."""
+
+    device = "cpu"
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+
+def test_the_shared_decision_carries_the_requeue():
+    guard_ = guard.StepGuard(OneRank(), StopRequest(), max_bad_steps=0)
+    assert guard_.decide() and not guard_.stop_requested
+    guard_.stop._handle(signal.SIGUSR1, None)
+    assert guard_.decide() and guard_.stop_requested and guard_.requeue_requested
+    assert guard_.stop_signal() == signal.SIGUSR1 == guard.REQUEUE_SIGNAL
+
+
+def test_a_rank_that_saw_no_signal_stops_as_the_job_does():
+    guard_ = guard.StepGuard(OneRank(), StopRequest(), max_bad_steps=0)
+    guard_.stop_requested = True  # another rank's SIGTERM, through the all-reduce
+    assert guard_.stop_signal() == signal.SIGTERM

@@ -47,3 +47,13 @@ def check_used(requirements: list[str], used: set[str]) -> None:
 def test_the_version_lives_in_one_place():
     assert "version" not in PROJECT and "version" in PROJECT["dynamic"]
     assert re.fullmatch(r"\d+\.\d+\.\d+", resnet_dist.__version__)
+
+
+def test_each_remote_scheme_has_an_extra_that_installs_its_backend():
+    from resnet_dist.locations import FSSPEC_SCHEMES
+
+    extras = PROJECT["optional-dependencies"]
+    for scheme, (_, module, extra) in FSSPEC_SCHEMES.items():
+        dists = [re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower() for r in extras[extra]]
+        assert module.lower() in dists, (scheme, extra, dists)
+        assert "resnet-dist[s3,gcs,azure,hf]" in extras["remote"] and extra in ("s3", "gcs", "azure", "hf")

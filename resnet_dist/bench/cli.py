@@ -42,6 +42,8 @@ from resnet_dist.bench.step import step_suite
 from resnet_dist.errors import OneLineParser, UsageError
 from resnet_dist.filesafe import write_json_atomic
 from resnet_dist.hardware import load_average, machine_record
+from resnet_dist.locations import check_location
+from resnet_dist.storage import is_remote
 
 SUITES = ("loader", "step", "e2e", "scaling")
 
@@ -178,6 +180,8 @@ def check(args) -> None:
     if args.suite in ("loader", "all") and importlib.util.find_spec("webdataset") is None:
         raise UsageError("the loader suite's WebDataset baseline needs webdataset: pip install 'resnet-dist[bench]'")
     for folder in args.data:
+        if is_remote(check_location(folder, "--data")):
+            raise UsageError(f"--data {folder}: the bench reads local shard folders; copy the shards here first")
         if not (Path(folder) / "index.json").is_file():
             raise UsageError(f"--data {folder}: no index.json there (make shards with python -m resnet_dist.shard)")
 
