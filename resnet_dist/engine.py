@@ -21,7 +21,7 @@ from resnet_dist.augment import BatchAugment
 from resnet_dist.cache import CacheCounts
 from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream, make_loader
-from resnet_dist.distributed import await_peers, check_world_size
+from resnet_dist.distributed import accelerate_backend, await_peers, check_world_size, join_attempt_group
 from resnet_dist.errors import UsageError
 from resnet_dist.gpu_decode import batch_to_device
 from resnet_dist.guard import StepGuard
@@ -51,6 +51,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # A dead or hung rank makes the others wait in a collective: this bounds the wait.
     group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
     await_peers()  # a bounded wait for the other ranks first: torch's own is long, or endless on a wrong port
+    join_attempt_group(accelerate_backend(on_cpu), group.timeout)  # a torchrun restart must not meet the dead
     accelerator = Accelerator(
         cpu=on_cpu,  # without it, a CPU-only launch of N processes gives N runs of world size 1
         mixed_precision=precision_override(cfg, on_cpu),

@@ -47,6 +47,7 @@ from resnet_dist.models import build_model, count_parameters
 from resnet_dist.optim import build_optimizer, build_scheduler
 from resnet_dist.recipes import RECIPES, scaled_lr
 from resnet_dist.run import Run, restore, save
+from resnet_dist.runlock import claim_run_folder
 from resnet_dist.storage import check_shards, read_index
 from resnet_dist.tracking import Meter, Reporter, plot_history, wandb_init_kwargs, write_history
 
@@ -124,6 +125,7 @@ def setup(cfg: TrainConfig) -> Run:
     check_shards(cfg.data, index, ["train", *eval_splits])
     check_fits(cfg, index, accelerator.num_processes, accelerator.device.type)
     check_writable(run_dir)
+    claim_run_folder(run_dir, accelerator)  # before reading its checkpoint: one run per folder
     last = find_checkpoint(run_dir / "checkpoints" / "last")  # a run folder with a checkpoint is resumed
     model, optimizer = build(cfg, index, accelerator)
     common = dict(batch_size=cfg.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes)
@@ -451,6 +453,8 @@ def announce(run: Run) -> None:
         f"({cfg.batch_size} x {acc.num_processes} processes x {cfg.grad_accum} accumulation), "
         f"{run.train.num_batches} micro-batches per rank per epoch"
     )
+    if restart_line(run):
+        run.reporter.line(restart_line(run))
     if cfg.recipe:
         run.reporter.line(f"recipe {cfg.recipe}: {RECIPES[cfg.recipe].summary}")
     if cfg.train_crop != "pad":
@@ -467,6 +471,16 @@ def announce(run: Run) -> None:
             "note: the shards have no val split, so test picks the best checkpoint; "
             "pack with --val-fraction to keep test unseen"
         )
+
+
+def restart_line(run: Run) -> str:
+    """After torchrun restarted the job (--max_restarts): say so, and where it continues from."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart in ("", "0"):
+        return ""
+    where = f"resumed at optimizer step {run.global_step}" if run.global_step else "no checkpoint yet: from the start"
+    most = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")
+    return f"torchrun restart {restart} of at most {most} after a failed process: {where}"
 
 
 def crop_line(cfg: TrainConfig, run: Run) -> str:
