@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -19,6 +20,7 @@ from accelerate.utils import gather_object
 from resnet_dist.data import Lost, Piece, sample_parts
 from resnet_dist.errors import DataError
 from resnet_dist.evaluate import per_class
+from resnet_dist.filesafe import write_json_atomic
 from resnet_dist.index import DatasetIndex, shards_at
 from resnet_dist.integrity import load_table
 from resnet_dist.storage import is_url
@@ -91,13 +93,13 @@ def device_names(accelerator) -> list[str]:
 
 
 def run_provenance(accelerator) -> dict:
-    """Config entries for the code and machines a run used (called on every rank: device_names gathers)."""
+    """Config entries for the code and machines a run used; every rank calls it (device_names gathers),
+    the main process alone asks git, whose config is the one logged."""
+    devices = device_names(accelerator)
+    if not accelerator.is_main_process:
+        return {}
     root = Path(__file__).resolve().parents[1]
-    return git_state(root) | {
-        "versions": versions(),
-        "devices": device_names(accelerator),
-        "world_size": accelerator.num_processes,
-    }
+    return git_state(root) | {"versions": versions(), "devices": devices, "world_size": accelerator.num_processes}
 
 
 def stage_artifacts_in(run_dir: Path) -> None:
@@ -232,3 +234,34 @@ def _origins(data: str, shard) -> list | None:
         return load_table(data, shard).origins
     except DataError:
         return None
+
+
+class StepLog:
+    """Logs to W&B at optimizer steps no earlier attempt of this run folder has logged.
+
+    W&B keeps one value per step and drops a step at or below the last one it has (with a warning). A run
+    that crashed after its last checkpoint logged steps that the resumed attempt does again: those are
+    skipped here, so each step is logged once across the offline run folders of all attempts, and the
+    values kept are the first attempt's (resume is exact, so the repeated steps reproduce them).
+    RUN_DIR/wandb/logged-step.json holds the last step logged; a step logged twice within one attempt
+    (the train row and the epoch row of the same step) is one W&B row, as before."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.path = Path(run_dir) / "wandb" / "logged-step.json"
+        self.enabled = enabled  # the main process with W&B on: others neither log nor keep the file
+        self.before = self._read() if enabled else -1
+        self.last = self.before
+
+    def _read(self) -> int:
+        try:
+            return int(json.loads(self.path.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return -1  # a new run folder (or a damaged marker: W&B then drops repeats itself)
+
+    def log(self, accelerator, metrics: dict, step: int) -> None:
+        if step <= self.before:
+            return
+        accelerator.log(metrics, step=step)
+        if self.enabled and step > self.last:
+            self.last = step
+            write_json_atomic(self.path, {"step": step})

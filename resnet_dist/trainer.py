@@ -280,7 +280,7 @@ def log_train(run: Run, loss: torch.Tensor, window: Meter) -> None:
     }
     ranks = dashboard.rank_throughput(acc, window.rate, window.wait_fraction)  # every rank: a collective
     metrics |= dashboard.rank_metrics(ranks, "perf/", per_rank=True)
-    acc.log(metrics, step=run.global_step)
+    run.wandb_steps.log(acc, metrics, run.global_step)
     report_problems(run)
     stats = (
         f"loss {mean_loss:.4f}  lr {lr:.4g}  {metrics['perf/img_per_s']:.0f} img/s  "
@@ -345,7 +345,8 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
     if run.history and run.history[-1]["epoch"] == row["epoch"]:
         run.history.pop()  # a resumed epoch replaces the row of its interrupted part
     run.history.append(row)
-    run.step.accelerator.log(
+    run.wandb_steps.log(
+        run.step.accelerator,
         {f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")}
         | {
             "train/epoch_loss": row["train_loss"],
@@ -427,6 +428,7 @@ def start_tracking(run: Run) -> None:
             run.run_dir, cfg.wandb_mode, run.wandb_id, run.run_dir.name, cfg.wandb_system_stats
         ),
     )
+    run.wandb_steps = dashboard.StepLog(run.run_dir, acc.is_main_process and cfg.wandb_mode != "disabled")
     if acc.is_main_process and cfg.wandb_mode != "disabled":
         wandb_run = acc.get_tracker("wandb", unwrap=True)
         dashboard.define_metrics(wandb_run)

@@ -4,6 +4,7 @@ provenance in the config, and no step logged twice across the two offline run fo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -15,9 +16,12 @@ import pytest
 from helpers import ROOT, TRAIN, launch_cmd, ok, read_json, run_env, train
 from wandb_log import config, history, records, summary
 
+from resnet_dist.dashboard import StepLog, log_dataset
+from resnet_dist.data import Piece, ShardStream, make_loader, read_piece, sample_parts
+from resnet_dist.engine import batch_start
 from resnet_dist.index import load_index
+from resnet_dist.tracking import wandb_init_kwargs
 
-pytestmark = pytest.mark.slow
 # A low lr and few steps leave some test images wrong, so the "most confidently wrong" table has rows.
 ARGS = ["--width", "8", "--batch-size", "16", "--lr", "0.002", "--num-workers", "1", "--log-every", "1"]
 ARGS += ["--epochs", "3", "--wandb-mode", "offline"]
@@ -68,6 +72,7 @@ def kinds(path: Path) -> list[str]:
     return [r.WhichOneof("record_type") for r in records(path)]
 
 
+@pytest.mark.slow
 def test_system_metrics_on_by_default_and_off_by_flag(resumed_run):
     _, (first, second), _ = resumed_run
     stats = [r.stats for r in records(first) if r.WhichOneof("record_type") == "stats"]
@@ -78,6 +83,7 @@ def test_system_metrics_on_by_default_and_off_by_flag(resumed_run):
     assert "stats" not in kinds(second)  # resumed with --no-wandb-system-stats
 
 
+@pytest.mark.slow
 def test_steps_strictly_increase_across_the_preempted_and_resumed_parts(resumed_run):
     _, files, stopped_at = resumed_run
     steps = [r.history.step.num for f in files for r in records(f) if r.WhichOneof("record_type") == "history"]
@@ -86,6 +92,7 @@ def test_steps_strictly_increase_across_the_preempted_and_resumed_parts(resumed_
     assert max(first) == stopped_at  # part 1 logged up to its checkpoint; part 2 starts after it
 
 
+@pytest.mark.slow
 def test_epoch_axis_and_summary(resumed_run):
     out, (_, second), _ = resumed_run
     metrics = {(r.metric.name or r.metric.glob_name): r.metric for r in records(second) if r.metric.ListFields()}
@@ -99,6 +106,7 @@ def test_epoch_axis_and_summary(resumed_run):
     assert s["best_val_top1"] == final["best_val_top1"]
 
 
+@pytest.mark.slow
 def test_throughput_per_rank_and_slowest(resumed_run):
     _, (_, second), _ = resumed_run
     rows = [r for r in history(second) if "rank/0/img_per_s" in r]
@@ -129,6 +137,7 @@ def table(run_file: Path, key: str) -> dict:
     return json.loads(staged(run_file, key)[f"{key}.table.json"].read_text())
 
 
+@pytest.mark.slow
 def test_end_of_run_tables(resumed_run, uneven_shards):
     out, (_, second), _ = resumed_run
     index = load_index(uneven_shards)
@@ -144,6 +153,7 @@ def test_end_of_run_tables(resumed_run, uneven_shards):
     confidences = [r[3] for r in wrong["data"]]
     assert confidences == sorted(confidences, reverse=True)
     tables, files = {}, staged(second, "test/most_confidently_wrong")
+    shards = {s.file: s for s in index.splits["test"].shards}
     for image, true, pred, _, key, shard, origin in wrong["data"]:
         assert true != pred and image["_type"] == "image-file" and image["width"] == image["height"] == 16
         assert files[image["path"]].read_bytes()[:4] == b"\x89PNG"
@@ -153,8 +163,12 @@ def test_end_of_run_tables(resumed_run, uneven_shards):
         # the key and origin of the image the model got wrong, from the shard's per-sample table
         k = tables[shard]["keys"].index(key)
         assert origin == tables[shard]["origins"][k] and origin.startswith("synthetic-test")
+        # and it is the image that was evaluated: its label in the shard is the table's true class
+        sample = read_piece(str(uneven_shards), Piece(shards[shard], k, 1), strict=True)[0]
+        assert sample["__key__"] == key and index.classes[sample_parts(sample)[1]] == true
 
 
+@pytest.mark.slow
 def test_artifacts_are_kept_for_sync(resumed_run, uneven_shards):
     _, (_, second), _ = resumed_run
     arts = [r.artifact for r in records(second) if r.WhichOneof("record_type") == "artifact"]
@@ -172,6 +186,7 @@ def test_artifacts_are_kept_for_sync(resumed_run, uneven_shards):
     assert Path(entry.local_path).read_bytes() == (uneven_shards / "index.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_config_says_which_code_and_machines(resumed_run):
     _, (_, second), _ = resumed_run
     cfg = config(second)
@@ -181,3 +196,66 @@ def test_config_says_which_code_and_machines(resumed_run):
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert cfg["git_commit"] == commit and isinstance(cfg["git_dirty"], bool)
     assert cfg["lr"] == 0.002 and cfg["epochs"] == 3 and cfg["wandb_system_stats"] is False
+
+
+def labels_in_file_order(shards: Path, split: str) -> list[int]:
+    index = load_index(shards)
+    out = []
+    for shard in index.splits[split].shards:
+        for sample in read_piece(str(shards), Piece(shard, 0, shard.num_samples), strict=True):
+            out.append(sample_parts(sample)[1])
+    return out
+
+
+@pytest.mark.parametrize("rank,workers", [(0, 2), (1, 2), (1, 0), (0, 3)])
+def test_eval_batch_positions_match_the_split_order(uneven_shards, rank, workers):
+    """batch_start says where each eval batch starts in the split: the labels there are the batch's labels."""
+    index = load_index(uneven_shards)
+    stream = ShardStream(str(uneven_shards), index, "test", batch_size=8, rank=rank, world_size=2, train=False)
+    truth = labels_in_file_order(uneven_shards, "test")
+    seen = 0
+    for i, (_, labels, lost, _) in enumerate(make_loader(stream, workers, pin_memory=False)):
+        start = batch_start(stream, workers, i)
+        assert lost == 0 and labels.tolist() == truth[start : start + len(labels)]
+        seen += len(labels)
+    assert seen == stream.rank_stop - stream.rank_start
+
+
+def test_remote_shards_are_a_dataset_reference(tmp_path):
+    """Shards behind a URL: index.json is logged as a reference (nothing uploaded) with its sha256."""
+    import wandb
+
+    run = wandb.init(project="p", dir=str(tmp_path), mode="offline", settings=wandb.Settings(x_disable_stats=True))
+    log_dataset(run, "https://example.com/data/imagenet-shards/", b'{"format_version": 3}')
+    run.finish()
+    (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    (art,) = [r.artifact for r in records(path) if r.WhichOneof("record_type") == "artifact"]
+    assert art.type == "dataset" and art.name == "shards-imagenet-shards"
+    (entry,) = art.manifest.contents
+    assert entry.path == "index.json" and entry.ref == "https://example.com/data/imagenet-shards/index.json"
+    assert json.loads(art.metadata)["index_sha256"] == hashlib.sha256(b'{"format_version": 3}').hexdigest()
+
+
+def attempt(run_dir: Path, steps: range) -> None:
+    """One attempt of a run: a real Accelerator logging to an offline W&B run (the same id each time)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = Accelerator(cpu=True, log_with="wandb")
+    acc.init_trackers("p", init_kwargs=wandb_init_kwargs(run_dir, "offline", "sameid", "r", system_stats=False))
+    log = StepLog(run_dir, enabled=True)
+    for step in steps:
+        log.log(acc, {"train/loss": 1.0 / step}, step)
+    acc.end_training()
+
+
+def test_steps_redone_after_a_crash_are_not_logged_twice(tmp_path):
+    """Attempt 1 logged steps 1-10 and crashed; its last checkpoint was step 6, so attempt 2 redoes 7-10."""
+    attempt(tmp_path, range(1, 11))
+    time.sleep(1.1)  # offline run folders are named by the second they start in
+    attempt(tmp_path, range(7, 16))
+    files = sorted(tmp_path.glob("wandb/offline-run-*/run-sameid.wandb"))
+    assert len(files) == 2
+    steps = [[r.history.step.num for r in records(f) if r.WhichOneof("record_type") == "history"] for f in files]
+    assert steps == [list(range(1, 11)), list(range(11, 16))]
