@@ -23,7 +23,8 @@ from resnet_dist.evaluate import per_class
 from resnet_dist.filesafe import write_json_atomic
 from resnet_dist.index import DatasetIndex, shards_at
 from resnet_dist.integrity import load_table
-from resnet_dist.storage import is_url
+from resnet_dist.locations import local_path
+from resnet_dist.storage import is_remote
 
 PACKAGES = ("torch", "torchvision", "accelerate", "wandb", "resnet-dist")
 # Metrics logged once per epoch, plotted against `epoch` rather than the optimizer step.
@@ -65,7 +66,12 @@ def rank_metrics(ranks: dict, prefix: str, per_rank: bool) -> dict:
 
 
 def git_state(root: Path) -> dict:
-    """The commit the code runs from and whether it has uncommitted changes; nulls outside a git checkout."""
+    """The commit the code runs from and whether it has uncommitted changes; nulls outside a git checkout.
+
+    `root` itself must be the checkout: an installed package under a venv that sits inside some other
+    repository would otherwise report that repository's commit."""
+    if not (root / ".git").exists():  # a folder in a checkout, a file in a worktree
+        return {"git_commit": None, "git_dirty": None}
     try:
         run = dict(cwd=root, capture_output=True, text=True, timeout=10, check=True)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
@@ -115,8 +121,9 @@ def artifact_name(text: str) -> str:
 
 
 def log_dataset(wandb_run, data: str, index_bytes: bytes) -> None:
-    """index.json as a `dataset` artifact, so a model traces back to its data; for shards behind a URL, a
-    reference to it (nothing uploaded) with its sha256 in the metadata, since W&B cannot hash every store."""
+    """index.json as a `dataset` artifact, so a model traces back to its data; for remote shards (http(s),
+    s3, gs, az, hf) a reference to it, nothing uploaded and no store contacted (checksum=False: W&B would
+    need credentials to hash it), with the sha256 of the bytes the run read in the metadata."""
     import hashlib
 
     import wandb
@@ -124,10 +131,10 @@ def log_dataset(wandb_run, data: str, index_bytes: bytes) -> None:
     name = artifact_name("shards-" + data.rstrip("/").rsplit("/", 1)[-1])
     meta = {"data": data, "index_sha256": hashlib.sha256(index_bytes).hexdigest()}
     artifact = wandb.Artifact(name, type="dataset", metadata=meta)
-    if is_url(data):
+    if is_remote(data):
         artifact.add_reference(data.rstrip("/") + "/index.json", name="index.json", checksum=False)
     else:
-        artifact.add_file(str(Path(data) / "index.json"), name="index.json")
+        artifact.add_file(str(Path(local_path(data)) / "index.json"), name="index.json")
     wandb_run.log_artifact(artifact)
 
 

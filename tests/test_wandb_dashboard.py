@@ -16,7 +16,7 @@ import pytest
 from helpers import ROOT, TRAIN, launch_cmd, ok, read_json, run_env, train
 from wandb_log import config, history, records, summary
 
-from resnet_dist.dashboard import StepLog, log_dataset
+from resnet_dist.dashboard import StepLog, git_state, log_dataset
 from resnet_dist.data import Piece, ShardStream, make_loader, read_piece, sample_parts
 from resnet_dist.engine import batch_start
 from resnet_dist.index import load_index
@@ -221,23 +221,26 @@ def test_eval_batch_positions_match_the_split_order(uneven_shards, rank, workers
     assert seen == stream.rank_stop - stream.rank_start
 
 
-def test_remote_shards_are_a_dataset_reference(tmp_path):
+@pytest.mark.parametrize("scheme", ["https://example.com", "s3://bucket"])
+def test_remote_shards_are_a_dataset_reference(tmp_path, scheme):
     """Shards behind a URL: index.json is logged as a reference (nothing uploaded) with its sha256."""
     import wandb
 
     run = wandb.init(project="p", dir=str(tmp_path), mode="offline", settings=wandb.Settings(x_disable_stats=True))
-    log_dataset(run, "https://example.com/data/imagenet-shards/", b'{"format_version": 3}')
+    log_dataset(run, f"{scheme}/data/imagenet-shards/", b'{"format_version": 3}')
     run.finish()
+    wandb.teardown()  # finish() may return before W&B's service has written the file: wait for it
     (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     (art,) = [r.artifact for r in records(path) if r.WhichOneof("record_type") == "artifact"]
     assert art.type == "dataset" and art.name == "shards-imagenet-shards"
     (entry,) = art.manifest.contents
-    assert entry.path == "index.json" and entry.ref == "https://example.com/data/imagenet-shards/index.json"
+    assert entry.path == "index.json" and entry.ref == f"{scheme}/data/imagenet-shards/index.json"
     assert json.loads(art.metadata)["index_sha256"] == hashlib.sha256(b'{"format_version": 3}').hexdigest()
 
 
 def attempt(run_dir: Path, steps: range) -> None:
     """One attempt of a run: a real Accelerator logging to an offline W&B run (the same id each time)."""
+    import wandb
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -248,6 +251,7 @@ def attempt(run_dir: Path, steps: range) -> None:
     for step in steps:
         log.log(acc, {"train/loss": 1.0 / step}, step)
     acc.end_training()
+    wandb.teardown()  # finish() may return before W&B's service has written the file: wait for it
 
 
 def test_steps_redone_after_a_crash_are_not_logged_twice(tmp_path):
@@ -259,3 +263,11 @@ def test_steps_redone_after_a_crash_are_not_logged_twice(tmp_path):
     assert len(files) == 2
     steps = [[r.history.step.num for r in records(f) if r.WhichOneof("record_type") == "history"] for f in files]
     assert steps == [list(range(1, 11)), list(range(11, 16))]
+
+
+def test_git_state_is_null_outside_a_checkout(tmp_path):
+    """Code installed under a venv inside another repository must not report that repository's commit."""
+    inner = tmp_path / "venv" / "site-packages"
+    inner.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert git_state(inner) == {"git_commit": None, "git_dirty": None}
