@@ -152,6 +152,7 @@ def setup(cfg: TrainConfig) -> Run:
     guard = StepGuard(accelerator, StopRequest(), cfg.max_bad_steps)
     step = Step(accelerator, model, optimizer, scheduler, augment, guard, cfg.label_smoothing)
     run = Run(cfg, step, index, train, evals, Reporter(accelerator.is_main_process), run_dir, val_split)
+    run.wandb_steps = dashboard.StepLog(run_dir, accelerator.is_main_process and cfg.wandb_mode != "disabled")
     if last is not None:
         restore(run, last)
     else:
@@ -428,7 +429,6 @@ def start_tracking(run: Run) -> None:
             run.run_dir, cfg.wandb_mode, run.wandb_id, run.run_dir.name, cfg.wandb_system_stats
         ),
     )
-    run.wandb_steps = dashboard.StepLog(run.run_dir, acc.is_main_process and cfg.wandb_mode != "disabled")
     if acc.is_main_process and cfg.wandb_mode != "disabled":
         wandb_run = acc.get_tracker("wandb", unwrap=True)
         dashboard.define_metrics(wandb_run)
