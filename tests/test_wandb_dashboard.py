@@ -108,7 +108,7 @@ def test_epoch_axis_and_summary(resumed_run):
 
 @pytest.mark.slow
 def test_throughput_per_rank_and_slowest(resumed_run):
-    _, (_, second), _ = resumed_run
+    out, (_, second), _ = resumed_run
     rows = [r for r in history(second) if "rank/0/img_per_s" in r]
     assert rows
     for row in rows:
@@ -118,6 +118,9 @@ def test_throughput_per_rank_and_slowest(resumed_run):
         assert 0 <= row["rank/1/data_wait"] <= 1 and "rank/2/img_per_s" not in row
     epochs = [r for r in history(second) if "perf/epoch_slowest_rank" in r]
     assert epochs and all(r["perf/epoch_slowest_rank"] in (0, 1) for r in epochs)
+    for row in read_json(out / "history.json"):  # the same per epoch, kept with the run folder
+        assert len(row["rank_img_per_s"]) == len(row["rank_data_wait"]) == 2
+        assert row["rank_img_per_s"][row["slowest_rank"]] == min(row["rank_img_per_s"])
 
 
 def staged(run_file: Path, key: str) -> dict[str, Path]:
