@@ -2,11 +2,13 @@
 provenance of the code and data, end-of-run analysis of the test split and the checkpoints as artifacts.
 
 Only the main process calls the logging functions here (DESIGN.md: W&B logs from one process);
-`rank_throughput` is the one collective, called by every rank.
+`rank_throughput` and `run_provenance` are collectives, called by every rank. `wandb` is imported where
+it is used: a run with --wandb-mode disabled never loads it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -16,12 +18,13 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
+from PIL import Image
 
-from resnet_dist.data import Lost, Piece, sample_parts
+from resnet_dist.data import Lost, Piece, read_piece, sample_parts
 from resnet_dist.errors import DataError
 from resnet_dist.evaluate import per_class
 from resnet_dist.filesafe import write_json_atomic
-from resnet_dist.index import DatasetIndex, shards_at
+from resnet_dist.index import DatasetIndex, class_ids, shards_at
 from resnet_dist.integrity import load_table
 from resnet_dist.locations import local_path
 from resnet_dist.storage import is_remote
@@ -30,6 +33,9 @@ PACKAGES = ("torch", "torchvision", "accelerate", "wandb", "resnet-dist")
 # Metrics logged once per epoch, plotted against `epoch` rather than the optimizer step.
 EPOCH_METRICS = ("val/*", "train/epoch_loss", "train/top1", "perf/epoch_*")
 WORST = 16  # most confidently wrong test images in the table: enough to see a pattern, cheap to read back
+# wandb.plot.confusion_matrix makes a table row per (true, predicted) pair: 100 classes make 10,000 rows,
+# wandb.Table.MAX_ROWS, beyond which W&B truncates a table (warning, not error): a wrong matrix, so none.
+CONFUSION_MAX_CLASSES = 100
 
 
 def define_metrics(wandb_run) -> None:
@@ -124,8 +130,6 @@ def log_dataset(wandb_run, data: str, index_bytes: bytes) -> None:
     """index.json as a `dataset` artifact, so a model traces back to its data; for remote shards (http(s),
     s3, gs, az, hf) a reference to it, nothing uploaded and no store contacted (checksum=False: W&B would
     need credentials to hash it), with the sha256 of the bytes the run read in the metadata."""
-    import hashlib
-
     import wandb
 
     name = artifact_name("shards-" + data.rstrip("/").rsplit("/", 1)[-1])
@@ -167,14 +171,13 @@ def log_test_analysis(wandb_run, test: dict, index: DatasetIndex, data: str, ste
     preds = [p for row in confusion for p, n in enumerate(row) for _ in range(n)]
     rows, _ = per_class(confusion, classes)
     columns = ["class", "precision", "recall", "f1", "support"]
-    wandb_run.log(
-        {
-            "test/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=preds, class_names=classes),
-            "test/per_class": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
-            "test/most_confidently_wrong": worst_table(test["worst"], index, data),
-        },
-        step=step,
-    )
+    logged = {
+        "test/per_class": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
+        "test/most_confidently_wrong": worst_table(test["worst"], index, data),
+    }
+    if len(classes) <= CONFUSION_MAX_CLASSES:
+        logged["test/confusion_matrix"] = wandb.plot.confusion_matrix(y_true=truth, preds=preds, class_names=classes)
+    wandb_run.log(logged, step=step)
 
 
 def worst_table(worst: list, index: DatasetIndex, data: str):
@@ -209,10 +212,6 @@ def read_samples(index: DatasetIndex, data: str, positions: list[int], found: li
     """position -> (wandb.Image, key, origin) for the located samples: each shard read once, only the span
     holding its wanted samples kept; origins from its per-sample table when the shards carry one."""
     import wandb
-    from PIL import Image
-
-    from resnet_dist.data import read_piece
-    from resnet_dist.index import class_ids
 
     by_shard: dict[str, list] = {}
     for pos, (shard, k) in zip(positions, found):
@@ -221,14 +220,20 @@ def read_samples(index: DatasetIndex, data: str, positions: list[int], found: li
     for wanted in by_shard.values():
         shard = wanted[0][1]
         lo, hi = min(k for _, _, k in wanted), max(k for _, _, k in wanted)
-        items = read_piece(shards_at(data, index), Piece(shard, lo, hi - lo + 1), strict=False, tables=data)
+        try:
+            items = read_piece(shards_at(data, index), Piece(shard, lo, hi - lo + 1), strict=False, tables=data)
+        except DataError:
+            continue  # the table is an extra: a shard that cannot be read again leaves its rows without images
         origins = _origins(data, shard)
         for pos, _, k in wanted:
             item = items[k - lo]
             if isinstance(item, Lost):
                 continue
-            image_bytes, _, _ = sample_parts(item, index.label, class_ids(index))
-            image = wandb.Image(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+            try:
+                image_bytes, _, _ = sample_parts(item, index.label, class_ids(index))
+                image = wandb.Image(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+            except (DataError, OSError):  # PIL's UnidentifiedImageError is an OSError
+                image = None
             out[pos] = (image, item.get("__key__"), origins[k] if origins else None)
     return out
 
