@@ -31,7 +31,7 @@ from resnet_dist.storage import is_remote
 
 PACKAGES = ("torch", "torchvision", "accelerate", "wandb", "resnet-dist")
 # Metrics logged once per epoch, plotted against `epoch` rather than the optimizer step.
-EPOCH_METRICS = ("val/*", "train/epoch_loss", "train/top1", "perf/epoch_*")
+EPOCH_METRICS = ("val/*", "train/epoch_loss", "train/top1", "perf/epoch_*", "data/cache_*")
 WORST = 16  # most confidently wrong test images in the table: enough to see a pattern, cheap to read back
 # wandb.plot.confusion_matrix makes a table row per (true, predicted) pair: 100 classes make 10,000 rows,
 # wandb.Table.MAX_ROWS, beyond which W&B truncates a table (warning, not error): a wrong matrix, so none.

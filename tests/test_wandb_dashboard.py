@@ -97,6 +97,8 @@ def test_epoch_axis_and_summary(resumed_run):
     out, (_, second), _ = resumed_run
     metrics = {(r.metric.name or r.metric.glob_name): r.metric for r in records(second) if r.metric.ListFields()}
     assert metrics["val/*"].step_metric == "epoch" and metrics["perf/epoch_*"].step_metric == "epoch"
+    assert metrics["data/cache_*"].step_metric == "epoch"
+    assert any("data/cache_hits" in r and "epoch" in r for r in history(second))
     assert metrics["val/top1"].summary.max
     rows = history(second)
     final = read_json(out / "summary.json")
@@ -219,7 +221,7 @@ def test_eval_batch_positions_match_the_split_order(uneven_shards, rank, workers
     stream = ShardStream(str(uneven_shards), index, "test", batch_size=8, rank=rank, world_size=2, train=False)
     truth = labels_in_file_order(uneven_shards, "test")
     seen = 0
-    for i, (_, labels, lost, _) in enumerate(make_loader(stream, workers, pin_memory=False)):
+    for i, (_, labels, lost, _, _) in enumerate(make_loader(stream, workers, pin_memory=False)):
         start = batch_start(stream, workers, i)
         assert lost == 0 and labels.tolist() == truth[start : start + len(labels)]
         seen += len(labels)
