@@ -33,19 +33,24 @@ def fsync_dir(folder: Path, best_effort: bool = False) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """JSON written to a temporary file in the same folder, fsynced, then renamed over `path`."""
+def write_json_atomic(path: Path, obj, compact: bool = False, shared: bool = False) -> Path:
+    """JSON written to a temporary file (.NAME.XXXX.tmp) in the same folder, fsynced, then renamed over `path`;
+    nothing left on failure. compact: no indentation (large tables); shared: readable by every user (mkstemp's
+    0600 would hide a dataset's files from the other users of the shards)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+        if shared:
+            os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, **({"separators": (",", ":")} if compact else {"indent": 2}))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 def save_figure(fig, path: Path, dpi: int = 100) -> None:

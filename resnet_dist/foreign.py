@@ -362,7 +362,7 @@ def scan_shard(scan: Scan, args, loc: Location, file: str, split: str, quota: Qu
 
 
 def write_sidecar(path: Path, obj: dict) -> None:
-    write_json_atomic(path, obj)
+    write_json_atomic(path, obj, compact=True, shared=True)
     os.chmod(path, 0o644)  # mkstemp's 0600 would hide it from other users of the index
 
 

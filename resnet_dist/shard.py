@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import multiprocessing
 import os
 import re
@@ -40,7 +39,7 @@ from rich.table import Table
 
 from resnet_dist import __version__
 from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
-from resnet_dist.filesafe import fsync_dir
+from resnet_dist.filesafe import fsync_dir, write_json_atomic
 from resnet_dist.index import (
     INDEX_NAME,
     DatasetIndex,
@@ -84,7 +83,7 @@ FILE_SOURCES = ("tiny-imagenet", "imagefolder", "imagenet")  # sources of encode
 RESIZABLE = ("imagefolder", "imagenet")  # sources of images of any size (--max-size)
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 SHARD_RE = re.compile(r"^.+-\d{6}\.tar$")
-TMP_RE = re.compile(r"^\..+\.tar(\.samples\.json\..+)?\.tmp$")  # a shard or its table, still being written
+TMP_RE = re.compile(r"^\.(.+\.tar|samples-[0-9a-f]{16}\.json\..+)\.tmp$")  # a shard or its table, being written
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 JPEG_NAMES = ("jpg", "jpeg")
 LOSSY_FORMATS = ("JPEG", "MPO")
@@ -514,7 +513,9 @@ class ShardWriter:
         self.file.close()
         final = self.folder / self.tmp.name[1 : -len(".tmp")]
         self.table.shard, self.table.shard_sha256 = final.name, self.sha.hexdigest()
-        table = write_json_atomic(self.folder / sidecar_name(self.sha.hexdigest()), self.table.to_json())
+        table = write_json_atomic(
+            self.folder / sidecar_name(self.sha.hexdigest()), self.table.to_json(), compact=True, shared=True
+        )
         os.replace(self.tmp, final)
         self.shards.append(ShardInfo(final.name, self.count, self.sha.hexdigest(), self.offset, table.name))
         self.file = self.tmp = None
@@ -553,22 +554,6 @@ def remove_outputs(folder: Path) -> None:
     for path in existing_outputs(folder):
         if path.name != INDEX_NAME:
             path.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, obj: dict) -> Path:
-    """`obj` as compact JSON at `path`: written to a temporary name, fsynced, renamed; nothing left on failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide it from other users of the shards
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def existing_outputs(folder: Path) -> list[Path]:

@@ -762,3 +762,12 @@ def test_ctrl_c_with_workers_exits_130_and_leaves_no_index(tmp_path):
     assert proc.returncode == 130 and err.strip() == "interrupted"
     names = sorted(p.name for p in out.iterdir())
     assert "index.json" not in names and not any(n.endswith(".tmp") for n in names)
+
+
+def test_overwrite_knows_every_file_the_packer_writes_and_nothing_else():
+    """--overwrite removes these (tables and their temporaries included) and leaves a user's files alone."""
+    ours = ["index.json", "train-000001.tar", ".train-000001.tar.tmp", "samples-0123456789abcdef.json"]
+    ours.append(".samples-0123456789abcdef.json.k2j4x9.tmp")  # a table being written (write_json_atomic's name)
+    theirs = ["notes.txt", "train-1.tar", "samples-xyz.json", ".index.json.swp", "train-000001.tar.samples.json"]
+    assert [shard.is_output(n) for n in ours] == [True] * len(ours)
+    assert [shard.is_output(n) for n in theirs] == [False] * len(theirs)
