@@ -43,15 +43,16 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
-def shard(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m resnet_dist.shard ARGS`, as a user runs it."""
+def shard(*args: str, timeout: int = 300, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """`python -m resnet_dist.shard ARGS`, as a user runs it (with `env` on top of the test environment)."""
     return subprocess.run(
         [sys.executable, "-m", "resnet_dist.shard", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env=run_env(),
+        env=run_env(**(env or {})),
+        **kw,
     )
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, ok, read_json, run_env, train
+from helpers import ROOT, ok, read_json, run_env, shard, train
 
 from resnet_dist import storage
 from resnet_dist.errors import DataError, UsageError
@@ -26,15 +26,7 @@ SMALL += ["--shard-size", "25", "--val-fraction", "0.2", "--workers", "1"]
 
 def cli(args: list[str], env: dict, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     """`python -m resnet_dist.shard ARGS` with the server's environment (and `env` on top)."""
-    return subprocess.run(
-        [sys.executable, "-m", "resnet_dist.shard", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=run_env(**env),
-        **kw,
-    )
+    return shard(*args, timeout=timeout, env=env, **kw)
 
 
 def one_line(result: subprocess.CompletedProcess, code: int, message: str) -> str:
