@@ -18,7 +18,7 @@ from resnet_dist.augment import BatchAugment
 from resnet_dist.checkpoint import find_checkpoint
 from resnet_dist.config import TrainConfig, parse_args
 from resnet_dist.crops import eval_crop_spec, train_crop_spec, train_res
-from resnet_dist.data import ShardStream, make_loader
+from resnet_dist.data import ShardStream, make_loader, micro_batch
 from resnet_dist.distributed import convert_sync_batchnorm, end_run
 from resnet_dist.engine import Step, bare, evaluate, make_accelerator, precision_override, seed_step, train_step
 from resnet_dist.errors import Interrupted, TrainingError, UsageError
@@ -192,7 +192,9 @@ def train_one_epoch(run: Run) -> dict:
             wait = time.perf_counter() - t0
             meter.add_wait(wait)
             window.add_wait(wait)
-            seed_step(cfg.seed, run.epoch, run.batch, acc.process_index, generator)
+            # Seeded by the global micro-batch, not the rank: 2 processes and 1 process accumulating 2
+            # augment (and drop out) the same micro-batches alike.
+            seed_step(cfg.seed, run.epoch, micro_batch(run.batch, acc.process_index, acc.num_processes), 0, generator)
             loss, hits = train_step(run.step, images, labels, generator)
             loss_sum += loss * labels.shape[0]
             correct += hits

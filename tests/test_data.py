@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 from helpers import shard
 
-from resnet_dist.data import ShardStream, epoch_shard_order, make_loader, pieces_for_range
+from resnet_dist.data import ShardStream, epoch_shard_order, make_loader, micro_batch, pieces_for_range
 from resnet_dist.index import ShardInfo, SplitInfo
 from resnet_dist.storage import read_index
 
@@ -132,3 +132,46 @@ def test_mid_epoch_resume_yields_exactly_the_remaining_batches(synthetic_shards,
     assert len(rest) == len(stream) == len(full) - start
     assert fingerprints(rest) == fingerprints(full[start:])
     assert all(a[1].tolist() == b[1].tolist() for a, b in zip(rest, full[start:]))
+
+
+# Elastic determinism: a step's samples depend only on (seed, epoch, global batch) ---------------------------
+
+
+@pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (1, 2), (3, 2), (2, 4)])
+def test_every_micro_batch_of_every_step_is_taken_once_across_ranks_and_micro_steps(world, accum):
+    steps = 5
+    taken = Counter()
+    for rank in range(world):
+        for k in range(steps * accum):
+            m = micro_batch(k, rank, world)
+            assert m // (world * accum) == k // accum  # rank's k-th micro-batch belongs to its step k // accum
+            taken[m] += 1
+    assert taken == Counter(range(steps * world * accum))  # each exactly once, none outside the steps
+
+
+def elastic_stream(base, index, world, accum, workers, start=0):
+    """Micro-batches as the optimizer sees them: step by step, micro-step by micro-step, rank by rank."""
+    per_rank = [
+        rank_batches(
+            base, index, "train", r, world, workers, start=start, batch=16, grad_accum=accum, shuffle_block=40
+        )[0]
+        for r in range(world)
+    ]
+    assert len({len(b) for b in per_rank}) == 1
+    return [fingerprints([per_rank[r][k]]) for k in range(len(per_rank[0])) for r in range(world)]
+
+
+def test_a_step_has_the_same_micro_batches_whatever_the_split_of_the_global_batch(synthetic_shards):
+    """Global batch 64 as 2 ranks x 2 accumulation, 4 ranks, 1 rank x 4, 2 ranks x 2 with 3 workers: the
+    same micro-batches in the same order (and their position = step * 64 + m * 16, so the same per step);
+    over the epoch no sample twice, every whole global batch's worth of the stream taken."""
+    index = read_index(str(synthetic_shards))
+    ref = elastic_stream(synthetic_shards, index, 2, 2, 0)
+    assert len(ref) == 540 // 64 * 4
+    for world, accum, workers in [(4, 1, 2), (1, 4, 1), (2, 2, 3), (1, 4, 0)]:
+        assert elastic_stream(synthetic_shards, index, world, accum, workers) == ref, (world, accum, workers)
+    seen = [fp for batch in ref for fp in batch]
+    assert len(seen) == len(set(seen)) == 540 // 64 * 64
+    # resumed after 3 optimizer steps on another split: the same remaining micro-batches
+    assert elastic_stream(synthetic_shards, index, 1, 4, 2, start=3 * 4) == ref[3 * 4 :]
+    assert elastic_stream(synthetic_shards, index, 4, 1, 1, start=3) == ref[3 * 4 :]
