@@ -6,6 +6,7 @@ schedule, grad scaler, counters and history, plus the settings a resumed run mus
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -128,14 +129,14 @@ def restore(run: Run, folder: Path) -> None:
     check_global_batch(run, old)
     bare(acc, step.model).load_state_dict(weights)
     step.optimizer.load_state_dict(state["optimizer"])
-    total = getattr(step.scheduler, "total_steps", None)  # OneCycleLR's, of this launch's global batch
+    fresh = copy.deepcopy(step.scheduler.state_dict())  # its step count and phases: this launch's global batch
     step.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler") is not None and acc.scaler is not None:
         acc.scaler.load_state_dict(state["scaler"])
     run.epoch, run.global_step = state["epoch"], state["global_step"]
     steps_in_epoch = state["batch"] // old_accum  # whole optimizer steps: a checkpoint is taken after one
     if math.prod(old) != run.global_batch:
-        steps_in_epoch = rescale(run, steps_in_epoch, math.prod(old), total)
+        steps_in_epoch = rescale(run, steps_in_epoch, math.prod(old), fresh)
     run.batch = steps_in_epoch * run.cfg.grad_accum
     run.best_val, run.history, run.wandb_id = state["best_val"], list(state["history"]), meta["wandb_id"]
     run.reporter.line(
@@ -159,12 +160,14 @@ def check_global_batch(run: Run, old: tuple[int, int, int]) -> None:
         )
 
 
-def rescale(run: Run, steps_in_epoch: int, old_batch: int, total_steps: int | None) -> int:
+def rescale(run: Run, steps_in_epoch: int, old_batch: int, fresh: dict) -> int:
     """Resume on another global batch (--scale-lr linear): the lr times new/old; the epoch goes on from
     the first step of the new batch that starts at or after the sample position reached,
     ceil(steps_in_epoch x old / new) (the samples before it, fewer than one new global batch, are not
     trained on this epoch); the optimizer step count and the schedule become the ones a run on the new
-    batch from the start would have there. Returns the new steps done in the epoch."""
+    batch from the start would have there. `fresh`: the scheduler's state as this launch built it (its
+    total steps and phases follow the new batch), the checkpoint's being loaded. Returns the new steps
+    done in the epoch."""
     new_batch, step = run.global_batch, run.step
     per_epoch = run.train.num_batches // run.cfg.grad_accum
     done = min(-(-steps_in_epoch * old_batch // new_batch), per_epoch)
@@ -175,10 +178,9 @@ def rescale(run: Run, steps_in_epoch: int, old_batch: int, total_steps: int | No
             if key in group:
                 group[key] *= ratio
     scheduler = step.scheduler
-    scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
-    if total_steps is not None:
-        scheduler.total_steps = total_steps
-    scheduler.last_epoch = run.global_step
+    base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+    scheduler.load_state_dict(fresh)
+    scheduler.base_lrs, scheduler.last_epoch = base_lrs, run.global_step
     with warnings.catch_warnings():  # get_lr outside step() warns; here it is what step() would set
         warnings.simplefilter("ignore")
         lrs = scheduler.get_lr()
