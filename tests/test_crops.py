@@ -325,7 +325,10 @@ def test_gpu_decode_path_on_the_cpu_gives_the_workers_crops(shards):
                 assert torch.equal(out[i], images[i])
                 same += 1
             else:
-                assert (out[i].float() - images[i].float()).abs().mean() <= 6
+                # 40-160 px images cut to 32 px: a reduced decode differs more than on photographs at 224 px.
+                # The worst image over the stream's draws of seeds 0-7 was 4.2-10.1 levels (4.8-9.4 with the
+                # draws seeded by rank before issue 12): the former bound of 6 held for seed 4's draws only.
+                assert (out[i].float() - images[i].float()).abs().mean() <= 12
     assert same > 20
 
 
