@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from resnet_dist.cache import ENV_CACHE, check_limit
 from resnet_dist.crops import parse_range, parse_res_schedule
 from resnet_dist.errors import OneLineParser, UsageError
 from resnet_dist.locations import check_location, scheme_of
@@ -108,6 +109,15 @@ class TrainConfig:
         "flip: evaluate each image and its mirror and average their softmax "
         "(costs a second forward pass per eval image)",
         ("none", "flip"),
+    )
+    cache: bool = opt(
+        True,
+        "keep remote shards (any URL but file://) in a machine-local cache shared by all ranks and loader "
+        "workers: each shard is downloaded once per machine; --no-cache downloads a shard each time it is read",
+    )
+    cache_dir: str = opt("", f"folder of the shard cache; none: ${ENV_CACHE}, else ~/.cache/resnet-dist")
+    cache_limit: float = opt(
+        0.0, "GB the shard cache may hold; least-recently-used shards beyond it are deleted (0: no limit)"
     )
     num_workers: int = opt(2, "loader worker processes per training process")
     shuffle_block: int = opt(2048, "samples shuffled together in a worker, on top of the seeded shard order")
@@ -223,6 +233,7 @@ def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
             raise UsageError(message)
     check_places(cfg)
     check_crop_options(cfg)
+    check_limit(cfg.cache_limit)
     return cfg
 
 

@@ -41,13 +41,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tv
 
+from resnet_dist.cache import CacheCounts, ShardCache, fetch_shard
 from resnet_dist.crops import CropSpec, Plan, batch_draws, decode_reduced, image_size, make_plan, reduction, resize_crop
 from resnet_dist.errors import DataError
 from resnet_dist.gpu_decode import encoded_batch
 from resnet_dist.guard import ignore_stop_signals
 from resnet_dist.index import DEFAULT_LABEL, DatasetIndex, ShardInfo, SplitInfo, class_ids, shards_at
 from resnet_dist.integrity import checked_samples, load_table
-from resnet_dist.storage import read_bytes
 from resnet_dist.tars import IMAGE_EXTS, sample_label, tar_samples
 
 
@@ -259,17 +259,20 @@ def shard_problem(data: bytes, shard: ShardInfo) -> str | None:
     return None
 
 
-def read_piece(base: str, piece: Piece, strict: bool, tables: str | None = None) -> list[dict | Lost]:
+def read_piece(
+    base: str, piece: Piece, strict: bool, tables: str | None = None, cache: ShardCache | None = None
+) -> list[dict | Lost]:
     """Exactly `piece.take` items: the samples, or Lost markers for samples that cannot be trusted.
 
     The whole shard is fetched and checked against its size and sha256 before any sample is used. A
     shard that changed is not what index.json describes: with its per-sample table (beside index.json,
     at `tables`, default `base`) each sample is checked against its own digest and only the changed
     ones are lost (strict: an error naming the first); without one, all of them are.
+    Remote shards come through `cache` (resnet_dist.cache), local ones are read in place.
     """
     samples: list[dict | Lost] = []
     try:
-        data = read_bytes(base, piece.file)
+        data = fetch_shard(base, piece.shard, cache)
         problem = shard_problem(data, piece.shard)
         if problem and piece.shard.samples is not None:
             return salvage(tables or base, piece, data, problem, strict)
@@ -341,10 +344,12 @@ def collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Te
 
 
 class ShardStream(IterableDataset):
-    """One rank's batches of one split for one epoch: (uint8 NHWC images, int64 labels, lost, problems).
+    """One rank's batches of one split for one epoch: (uint8 NHWC images, int64 labels, lost, problems, fetched).
 
     `lost` counts the batch's samples that could not be read (a damaged or changed shard, an image that
-    does not decode), `problems` says why, once per cause. strict=True raises instead.
+    does not decode), `problems` says why, once per cause. strict=True raises instead. `fetched` is the
+    CacheCounts of the shard reads this worker made since its previous batch (remote data through
+    `cache`: hits, downloads, bytes), so the trainer can sum what every worker of every rank did.
 
     train=True: seeded shard order, global block shuffle, exactly `num_batches` full batches on every
     rank: the micro-batches `micro_batch` gives this rank, of the epoch's whole optimizer steps (the
@@ -375,11 +380,12 @@ class ShardStream(IterableDataset):
         strict: bool = False,
         crop: CropSpec | None = None,
         decode: str = "cpu",
+        cache: ShardCache | None = None,
     ):
         if crop is None and index.image_size is None:
             raise DataError(f"{base}: its images vary in size; they need a crop (a CropSpec) to make batches")
         self.base, self.index, self.split_name, self.strict = base, index, split, strict
-        self.crop, self.decode = crop, decode
+        self.crop, self.decode, self.cache = crop, decode, cache
         self.split = index.splits[split]
         # Foreign shards indexed elsewhere: the tars are at index.shard_base, index.json (and sidecars) at base.
         self.tar_base, self.ids = shards_at(base, index), class_ids(index)
@@ -448,7 +454,7 @@ class ShardStream(IterableDataset):
     def _read(self, order: list[int], start: int, stop: int) -> Iterator[dict | Lost]:
         for piece in pieces_for_range(self.split, order, start, stop):
             # The tars may live elsewhere (shard_base); their per-sample tables are beside index.json.
-            yield from read_piece(self.tar_base, piece, self.strict, tables=self.base)
+            yield from read_piece(self.tar_base, piece, self.strict, tables=self.base, cache=self.cache)
 
     def _decode(self, sample: dict | Lost, u: np.ndarray | None) -> tuple[np.ndarray | Encoded, int] | Lost:
         if isinstance(sample, Lost):
@@ -481,10 +487,16 @@ class ShardStream(IterableDataset):
         taken = list(islice(samples, self.batch_size))
         return [self._decode(s, u) for s, u in zip(taken, self._draws(next(numbers)))] if taken else []
 
+    def _counts(self) -> CacheCounts:
+        return CacheCounts(*self.cache.counts.as_tuple()) if self.cache else CacheCounts()
+
     def _batches(self, samples: Iterator[dict | Lost], numbers: Iterator[int]) -> Iterator[tuple]:
         """Every batch_size stream positions make one batch, whatever was lost, so batch counts stay exact."""
         previous: list = []
+        counted = self._counts()
         while chunk := self._chunk(samples, numbers):
+            counts = self._counts()
+            fetched, counted = counts - counted, counts
             good = [item for item in chunk if not isinstance(item, Lost)]
             problems = sorted({item.reason for item in chunk if isinstance(item, Lost)})
             lost = len(chunk) - len(good)
@@ -497,15 +509,16 @@ class ShardStream(IterableDataset):
                 good = good + list(islice(cycle(pool), self.batch_size - len(good)))
             previous = good or previous
             if good and isinstance(good[0][0], Encoded):
-                yield (*encoded_batch(good, self.crop.res, self.index.channels), lost, problems)
+                yield (*encoded_batch(good, self.crop.res, self.index.channels), lost, problems, fetched)
             elif good:
-                yield (*collate(good), lost, problems)
+                yield (*collate(good), lost, problems, fetched)
             elif lost:  # an eval batch with nothing readable: report it with an empty batch
                 yield (
                     torch.empty(0, *self.shape, dtype=torch.uint8),
                     torch.empty(0, dtype=torch.int64),
                     lost,
                     problems,
+                    fetched,
                 )
 
 

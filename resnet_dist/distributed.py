@@ -81,6 +81,41 @@ def await_peers() -> None:
         )
 
 
+def accelerate_backend(on_cpu: bool) -> str:
+    """The backend Accelerate picks under torchrun: NCCL on CUDA; on the CPU, MPI where torch has it, else gloo."""
+    if not on_cpu:
+        return "nccl"
+    return "mpi" if dist.is_mpi_available() else "gloo"
+
+
+def join_attempt_group(backend: str, timeout: timedelta) -> None:
+    """Form the default process group on keys of this torchrun attempt only, before Accelerate forms one.
+
+    torchrun keeps one store for the whole job, restarts included (its agent serves it at MASTER_PORT), and
+    torch's env:// rendezvous keys the group's members there by group name alone. After a restart the new
+    ranks can read the addresses the dead attempt left there: gloo then fails with "Connection refused"
+    to a port of the old attempt, or hangs (shown with ../shared/probes/restart_probe.py: 2 restarts in 5
+    recovered without this, 5 in 5 with it). A prefix per attempt gives each attempt fresh keys; Accelerate
+    then finds the group formed and uses it. Does nothing outside torchrun or when the group exists.
+    """
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    # Only the agent's store outlives an attempt; a store that rank 0 serves itself dies with it.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    if attempt is None or not agent_store or not addr or not port.isdigit() or dist.is_initialized():
+        return
+    if backend == "mpi":  # MPI ranks meet through mpirun, not through the store
+        return
+    store = dist.TCPStore(addr, int(port), is_master=False, timeout=timeout)
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"resnet_dist/attempt_{attempt}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
+    )
+
+
 def _meet(addr: str, port: int, rank: int, world: int, deadline: float, state: dict) -> None:
     """Connect to the store, leave this rank's mark, wait for all `world` marks; `state` says how far it got."""
     try:

@@ -18,9 +18,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from resnet_dist.augment import BatchAugment
+from resnet_dist.cache import CacheCounts
 from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream, make_loader
-from resnet_dist.distributed import await_peers, check_world_size
+from resnet_dist.distributed import accelerate_backend, await_peers, check_world_size, join_attempt_group
 from resnet_dist.errors import UsageError
 from resnet_dist.gpu_decode import batch_to_device
 from resnet_dist.guard import StepGuard
@@ -50,6 +51,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # A dead or hung rank makes the others wait in a collective: this bounds the wait.
     group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
     await_peers()  # a bounded wait for the other ranks first: torch's own is long, or endless on a wrong port
+    join_attempt_group(accelerate_backend(on_cpu), group.timeout)  # a torchrun restart must not meet the dead
     accelerator = Accelerator(
         cpu=on_cpu,  # without it, a CPU-only launch of N processes gives N runs of world size 1
         mixed_precision=precision_override(cfg, on_cpu),
@@ -154,9 +156,12 @@ def evaluate(
     device = accelerator.device
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5, count, lost
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    problems = []
-    for images, labels, lost, batch_problems in make_loader(stream, num_workers, pin_memory=device.type == "cuda"):
+    problems, fetched = [], CacheCounts()
+    for images, labels, lost, batch_problems, batch_fetched in make_loader(
+        stream, num_workers, pin_memory=device.type == "cuda"
+    ):
         images, labels, gpu_lost, gpu_problems = batch_to_device(images, labels, device, False, stream.strict)
+        fetched += batch_fetched
         sums[4] += lost + gpu_lost
         problems += batch_problems + gpu_problems
         if labels.numel() == 0:
@@ -184,4 +189,11 @@ def evaluate(
         "lost": int(sums[4].item()),
         "problems": problems,
         "confusion": confusion.cpu().tolist(),
+        "cache": reduce_counts(accelerator, fetched),
     }
+
+
+def reduce_counts(accelerator: Accelerator, counts: CacheCounts) -> CacheCounts:
+    """Shard cache counts summed over ranks (int64: byte counts pass float32's exact range at 16 MB)."""
+    total = accelerator.reduce(torch.tensor(counts.as_tuple(), dtype=torch.int64, device=accelerator.device), "sum")
+    return CacheCounts(*(int(x) for x in total.tolist()))

@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from resnet_dist.augment import BatchAugment
+from resnet_dist.cache import ENV_CACHE, cache_dir, cache_line, check_limit, make_cache
 from resnet_dist.checkpoint import find_checkpoint, load_weights
 from resnet_dist.config import TrainConfig
 from resnet_dist.crops import eval_crop_spec
@@ -31,10 +32,10 @@ from resnet_dist.distributed import await_peers, check_world_size, end_run
 from resnet_dist.engine import evaluate
 from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
 from resnet_dist.filesafe import save_figure, write_json_atomic
-from resnet_dist.index import DatasetIndex
+from resnet_dist.index import DatasetIndex, shards_at
 from resnet_dist.locations import check_location
 from resnet_dist.models import build_model
-from resnet_dist.storage import check_shards, read_index
+from resnet_dist.storage import check_shards, is_remote, read_index
 
 TTA_CHOICES = ("none", "flip")
 
@@ -219,6 +220,8 @@ def print_results(result: dict) -> None:
     )
     console.print(table)
     console.print(head)
+    if is_remote(result["data"]):
+        console.print(cache_line(result["cache"]))
     for problem in sorted(set(result["problems"])):
         console.print(f"warning: {problem}")
     console.print(f"wrote {Path(result['out']) / 'eval.json'} and {Path(result['out']) / 'confusion.png'}")
@@ -249,7 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval-SPLIT[-tta])")
     parser.add_argument("--batch-size", type=int, default=256, help="images per process per batch (default: 256)")
     parser.add_argument("--num-workers", type=int, default=2, help="loader worker processes per process (default: 2)")
+    add_cache_args(parser)
     return parser
+
+
+def add_cache_args(parser: argparse.ArgumentParser) -> None:
+    """The shard cache flags, as train has them (resnet_dist.config)."""
+    parser.add_argument(
+        "--cache-dir",
+        default="",
+        help=f"folder of the shard cache for remote --data (default: ${ENV_CACHE}, else ~/.cache/resnet-dist)",
+    )
+    parser.add_argument(
+        "--cache-limit",
+        type=float,
+        default=0.0,
+        help="GB the shard cache may hold, least-recently-used shards beyond it are deleted (default: 0, no limit)",
+    )
+    parser.add_argument("--no-cache", dest="cache", action="store_false", help="download remote shards each time")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -258,6 +278,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UsageError(f"--batch-size must be positive (got {args.batch_size})")
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0 (got {args.num_workers})")
+    check_limit(args.cache_limit)
     check_location(args.data, "--data")
     return args
 
@@ -281,16 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = model.to(accelerator.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    stream = ShardStream(
-        args.data,
-        index,
-        args.split,
-        batch_size=args.batch_size,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        train=False,
-        crop=eval_crop_spec(cfg, index.image_size),
-    )
+    stream = eval_stream(args, index, accelerator, cfg)
     # The model saw the mean/std of the shards it was trained on: normalise with those.
     augment = BatchAugment(
         meta.get("mean", index.mean), meta.get("std", index.std), accelerator.device, channels_last=cfg.channels_last
@@ -320,19 +332,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         "classes": index.classes,
         "confusion": metrics["confusion"],
         "problems": sorted(set(metrics["problems"])),
+        "cache": metrics["cache"].as_dict() | {"dir": cache_dir(stream.cache)},
         "out": str(out),
     }
     if accelerator.is_main_process:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--out {out}: cannot create ({exc.strerror})") from None
-        write_json_atomic(out / "eval.json", result)
         title = f"{cfg.model} on {args.split}{' (flip TTA)' if suffix else ''}: top-1 {metrics['top1']:.2%}"
-        plot_confusion(out / "confusion.png", metrics["confusion"], index.classes, title)
-        print_results(result)
+        save_outputs(out, result, title)
     end_run(accelerator)
     return 0
+
+
+def eval_stream(
+    args: argparse.Namespace, index: DatasetIndex, accelerator: Accelerator, cfg: TrainConfig
+) -> ShardStream:
+    """This rank's slice of the split, remote shards through the shard cache, cropped as in training."""
+    cache = make_cache(shards_at(args.data, index), args.cache, args.cache_dir, args.cache_limit)
+    return ShardStream(
+        args.data,
+        index,
+        args.split,
+        batch_size=args.batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        train=False,
+        crop=eval_crop_spec(cfg, index.image_size),
+        cache=cache,
+    )
+
+
+def save_outputs(out: Path, result: dict, title: str) -> None:
+    """eval.json, confusion.png and the printed table (main process)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create ({exc.strerror})") from None
+    write_json_atomic(out / "eval.json", result)
+    plot_confusion(out / "confusion.png", result["confusion"], result["classes"], title)
+    print_results(result)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from resnet_dist.cache import CacheCounts
 from resnet_dist.checkpoint import load_checkpoint, save_checkpoint
 from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream
@@ -65,6 +66,8 @@ class Run:
     lost_train: int = 0  # train samples that could not be read (replaced in their batch)
     problems: list[str] = field(default_factory=list)  # data problems not yet reported
     reported: set[str] = field(default_factory=set)
+    # Shard reads of this invocation, all ranks: not checkpointed, so a resumed run reports its own.
+    cache: CacheCounts = field(default_factory=CacheCounts)
 
     @property
     def global_batch(self) -> int:

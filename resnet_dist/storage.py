@@ -264,10 +264,8 @@ def list_files(base: str) -> list[str]:
     """Names of the files directly under `base`, sorted; [] if it does not exist."""
     kind = _kind(base)
     if kind == "http":
-        raise DataError(
-            f"{base}: an http(s) server cannot list a folder: name the shards with a brace pattern "
-            "(train-{000000..000009}.tar) or point at an index.json"
-        )
+        hint = f"{base.rstrip('/')}/x-{{0000..0009}}.tar"
+        raise UsageError(f"{base}: an http(s) URL cannot be listed: give a brace pattern like {hint}")
     if kind == "fsspec":
         from resnet_dist import remote
 

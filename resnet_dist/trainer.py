@@ -15,12 +15,22 @@ import torch
 from accelerate.utils import gather_object
 
 from resnet_dist.augment import BatchAugment
+from resnet_dist.cache import CacheCounts, cache_dir, cache_line, make_cache
 from resnet_dist.checkpoint import find_checkpoint
 from resnet_dist.config import TrainConfig, parse_args
 from resnet_dist.crops import eval_crop_spec, train_crop_spec, train_res
 from resnet_dist.data import ShardStream, make_loader, micro_batch
 from resnet_dist.distributed import convert_sync_batchnorm, end_run
-from resnet_dist.engine import Step, bare, evaluate, make_accelerator, precision_override, seed_step, train_step
+from resnet_dist.engine import (
+    Step,
+    bare,
+    evaluate,
+    make_accelerator,
+    precision_override,
+    reduce_counts,
+    seed_step,
+    train_step,
+)
 from resnet_dist.errors import Interrupted, TrainingError, UsageError
 from resnet_dist.filesafe import write_json_atomic
 from resnet_dist.gpu_decode import batch_to_device
@@ -32,10 +42,12 @@ from resnet_dist.guard import (
     is_collective_timeout,
     name_silent_ranks,
 )
+from resnet_dist.index import shards_at
 from resnet_dist.models import build_model, count_parameters
 from resnet_dist.optim import build_optimizer, build_scheduler
 from resnet_dist.recipes import RECIPES, scaled_lr
 from resnet_dist.run import Run, restore, save
+from resnet_dist.runlock import claim_run_folder
 from resnet_dist.storage import check_shards, read_index
 from resnet_dist.tracking import Meter, Reporter, plot_history, wandb_init_kwargs, write_history
 
@@ -113,10 +125,12 @@ def setup(cfg: TrainConfig) -> Run:
     check_shards(cfg.data, index, ["train", *eval_splits])
     check_fits(cfg, index, accelerator.num_processes, accelerator.device.type)
     check_writable(run_dir)
+    claim_run_folder(run_dir, accelerator)  # before reading its checkpoint: one run per folder
     last = find_checkpoint(run_dir / "checkpoints" / "last")  # a run folder with a checkpoint is resumed
     model, optimizer = build(cfg, index, accelerator)
     common = dict(batch_size=cfg.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes)
-    common = common | {"strict": cfg.strict_data, "decode": cfg.decode}
+    cache = make_cache(shards_at(cfg.data, index), cfg.cache, cfg.cache_dir, cfg.cache_limit)
+    common = common | {"strict": cfg.strict_data, "decode": cfg.decode, "cache": cache}
     train = ShardStream(
         cfg.data,
         index,
@@ -179,13 +193,14 @@ def train_one_epoch(run: Run) -> dict:
     meter, window = Meter(), Meter()
     loss_sum = torch.zeros((), device=acc.device)
     correct = torch.zeros((), dtype=torch.int64, device=acc.device)
-    seen = 0
+    seen, fetched = 0, CacheCounts()
     run.reporter.start_epoch(run.epoch, cfg.epochs, run.train.num_batches, run.batch)
     it = iter(loader)
     try:
         while run.batch < run.train.num_batches and not run_is_done(run) and not run.step.guard.stop_requested:
             t0 = time.perf_counter()
-            images, labels, lost, problems = next(it)
+            images, labels, lost, problems, batch_fetched = next(it)
+            fetched += batch_fetched
             images, labels, gpu_lost, gpu_problems = batch_to_device(images, labels, acc.device, True, cfg.strict_data)
             run.lost_train += lost + gpu_lost
             run.problems += problems + gpu_problems
@@ -213,13 +228,25 @@ def train_one_epoch(run: Run) -> dict:
         reduction="sum",
     )
     n = max(totals[2].item(), 1.0)
+    fetched = reduce_counts(acc, fetched)
+    run.cache += fetched
     return {
         "train_loss": totals[0].item() / n,
         "train_top1": totals[1].item() / n,
         "img_per_s": meter.rate * acc.num_processes,
         "data_wait": meter.wait_fraction,
         "epoch_seconds": meter.elapsed,
+        **cache_fields(fetched),
     }
+
+
+def cache_fields(counts: CacheCounts) -> dict:
+    """An epoch row's shard cache counts (history.json, W&B, the epoch line)."""
+    return {f"cache_{key}": value for key, value in counts.as_dict().items()}
+
+
+def row_counts(row: dict) -> CacheCounts:
+    return CacheCounts(row["cache_hits"], row["cache_downloads"], row["cache_bytes_downloaded"])
 
 
 def after_optimizer_step(run: Run, loss: torch.Tensor, window: Meter) -> None:
@@ -308,6 +335,8 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
             val_lost=val["lost"],
         )
         run.problems += val["problems"]
+        run.cache += val["cache"]
+        row.update(cache_fields(row_counts(row) + val["cache"]))
     report_problems(run)
     row["time"] = time.time()  # when the epoch's numbers were known: accuracy-vs-wall-time curves
     if run.history and run.history[-1]["epoch"] == row["epoch"]:
@@ -320,6 +349,7 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
             "train/top1": row["train_top1"],
             "perf/epoch_img_per_s": row["img_per_s"],
             "perf/epoch_data_wait": row["data_wait"],
+            **{f"data/{k}": v for k, v in row.items() if k.startswith("cache_")},
             "epoch": row["epoch"],
         },
         step=run.global_step,
@@ -327,11 +357,18 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
     improved = "val_top1" in row and row["val_top1"] > run.best_val
     if improved:
         run.best_val = row["val_top1"]
-    run.reporter.line(epoch_line(row, run.val_split))
+    run.reporter.line(epoch_line(row, run.val_split, run.train.cache is not None))
     return row, improved
 
 
-def epoch_line(row: dict, split: str | None) -> str:
+def epoch_line(row: dict, split: str | None, remote: bool = False) -> str:
+    """The epoch's one line; for remote data with what the shard cache served and downloaded."""
+    cache = (
+        f"  cache {row['cache_hits']} hits, {row['cache_downloads']} downloads "
+        f"({row['cache_bytes_downloaded'] / 1e6:.1f} MB)"
+        if remote
+        else ""
+    )
     val = (
         f"  {split} loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}"
         if "val_top1" in row
@@ -339,7 +376,7 @@ def epoch_line(row: dict, split: str | None) -> str:
     )
     return (
         f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}{val}  "
-        f"{row['img_per_s']:.0f} img/s  data wait {row['data_wait']:.0%}  {row['epoch_seconds']:.1f} s"
+        f"{row['img_per_s']:.0f} img/s  data wait {row['data_wait']:.0%}  {row['epoch_seconds']:.1f} s{cache}"
     )
 
 
@@ -418,6 +455,8 @@ def announce(run: Run) -> None:
         f"({cfg.batch_size} x {acc.num_processes} processes x {cfg.grad_accum} accumulation), "
         f"{run.train.num_batches} micro-batches per rank per epoch"
     )
+    if restart_line(run):
+        run.reporter.line(restart_line(run))
     if cfg.recipe:
         run.reporter.line(f"recipe {cfg.recipe}: {RECIPES[cfg.recipe].summary}")
     if cfg.train_crop != "pad":
@@ -434,6 +473,16 @@ def announce(run: Run) -> None:
             "note: the shards have no val split, so test picks the best checkpoint; "
             "pack with --val-fraction to keep test unseen"
         )
+
+
+def restart_line(run: Run) -> str:
+    """After torchrun restarted the job (--max_restarts): say so, and where it continues from."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart in ("", "0"):
+        return ""
+    where = f"resumed at optimizer step {run.global_step}" if run.global_step else "no checkpoint yet: from the start"
+    most = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")
+    return f"torchrun restart {restart} of at most {most} after a failed process: {where}"
 
 
 def crop_line(cfg: TrainConfig, run: Run) -> str:
@@ -481,21 +530,26 @@ def finish(run: Run, wall: float) -> dict:
         summary.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
         summary["eval_counts"]["test"] = test["count"]
         summary["lost_eval_samples"]["test"] = test["lost"]
+        run.cache += test.get("cache", CacheCounts())  # none when the last epoch's test result is reused
         run.problems += test["problems"]
         report_problems(run)
         summary["data_problems"] = sorted(run.reported)
     summary["data_wait"], summary["diagnosis"] = diagnose(run.history, run.cfg.num_workers)
+    summary["cache"] = run.cache.as_dict() | {"dir": cache_dir(run.train.cache)}
     if acc.is_main_process:
         if run.cfg.wandb_mode != "disabled":  # the W&B run's summary, not one more history row
             wandb_run = acc.get_tracker("wandb", unwrap=True)
             wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            wandb_run.summary.update({f"cache/{k}": v for k, v in summary["cache"].items() if k != "dir"})
             if run.cfg.wandb_mode == "offline":
                 run.reporter.line(f"W&B offline run: upload it with `wandb sync {Path(wandb_run.dir).parent}`")
         write_json_atomic(run.run_dir / "summary.json", summary)
         run.reporter.table(
             "resnet-dist run summary",
-            {k: v for k, v in summary.items() if v is not None and k not in ("diagnosis", "data_problems")},
+            {k: v for k, v in summary.items() if v is not None and k not in ("diagnosis", "data_problems", "cache")},
         )
+        if run.train.cache is not None:
+            run.reporter.line(cache_line(summary["cache"]))
         if summary["diagnosis"]:
             run.reporter.line(summary["diagnosis"])
         if "test_top1" in summary:

@@ -20,6 +20,14 @@ def fresh_accelerate_state():
     yield
 
 
+@pytest.fixture(autouse=True)
+def own_shard_cache(tmp_path_factory, monkeypatch):
+    """Each test gets an empty shard cache of its own (runs it starts inherit $RESNET_DIST_CACHE): remote data
+    is never cached in the user's ~/.cache, and a test's request counts never depend on an earlier test
+    having cached the same (deterministic, so equal sha256) shards."""
+    monkeypatch.setenv("RESNET_DIST_CACHE", str(tmp_path_factory.mktemp("shard-cache")))
+
+
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
     """A small 10-class, 16x16 RGB dataset with a learnable signal, in several uneven shards."""

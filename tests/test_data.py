@@ -68,7 +68,7 @@ def test_equal_batches_per_rank_no_sample_twice(one_shard, world, workers):
     per_rank = [rank_batches(one_shard, index, "train", r, world, workers)[0] for r in range(world)]
     counts = {len(b) for b in per_rank}
     assert counts == {203 // (16 * world)}
-    assert all(images.shape[0] == 16 and lost == 0 for b in per_rank for images, _, lost, _ in b)
+    assert all(images.shape[0] == 16 and lost == 0 for b in per_rank for images, _, lost, *_ in b)
     seen = [fp for b in per_rank for fp in fingerprints(b)]
     assert len(seen) == len(set(seen)) == 203 // (16 * world) * 16 * world
 

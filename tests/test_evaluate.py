@@ -96,7 +96,7 @@ def test_per_class_metrics_match_numpy(single, trained, uneven_shards):
     stream = ShardStream(str(uneven_shards), index, "test", batch_size=50, rank=0, world_size=1, train=False)
     preds, labels = [], []
     with torch.no_grad():
-        for images, y, _, _ in make_loader(stream, 0, pin_memory=False):
+        for images, y, *_ in make_loader(stream, 0, pin_memory=False):
             preds.append(model(augment.eval(images)).argmax(1).numpy())
             labels.append(y.numpy())
     pred, true = np.concatenate(preds), np.concatenate(labels)
@@ -144,7 +144,7 @@ def flip_tta_reference(checkpoint, data, split: str) -> dict:
     model = load_model(checkpoint, meta, index, str(data)).eval()
     n = index.splits[split].num_samples
     stream = ShardStream(str(data), index, split, batch_size=n, rank=0, world_size=1, train=False)
-    [(images, labels, lost, _)] = list(stream)
+    [(images, labels, lost, _, _)] = list(stream)
     assert lost == 0 and len(labels) == n
     x = BatchAugment(meta["mean"], meta["std"], torch.device("cpu")).eval(images)  # N x C x H x W
     with torch.no_grad():
