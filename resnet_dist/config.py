@@ -144,6 +144,11 @@ class TrainConfig:
         "offline writes the run under --out (upload later with `wandb sync`)",
         ("online", "offline", "disabled"),
     )
+    wandb_system_stats: bool = opt(
+        True,
+        "W&B's system metrics (CPU, memory, disk, network; GPU utilisation, memory and power where there are "
+        "GPUs), sampled by W&B every 15 s; --no-wandb-system-stats turns them off",
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 
 from resnet_dist.augment import BatchAugment
 from resnet_dist.cache import CacheCounts
@@ -143,11 +143,13 @@ def evaluate(
     num_workers: int,
     num_classes: int,
     tta_flip: bool = False,
+    worst: int = 0,
 ) -> dict:
     """Exact metrics over a split: each rank counts its own slice, then one all-reduce of the sums.
 
     The unwrapped model runs in eval mode, so no collective happens per batch and ranks may run
-    different numbers of batches.
+    different numbers of batches. worst=K also returns (on every rank) the K most confidently wrong
+    samples of the split as (confidence, position in the split's file order, true, predicted).
     """
     model = bare(accelerator, model)
     share_buffers(accelerator, model)
@@ -156,10 +158,9 @@ def evaluate(
     device = accelerator.device
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5, count, lost
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    problems, fetched = [], CacheCounts()
-    for images, labels, lost, batch_problems, batch_fetched in make_loader(
-        stream, num_workers, pin_memory=device.type == "cuda"
-    ):
+    problems, fetched, wrong = [], CacheCounts(), []
+    loader = make_loader(stream, num_workers, pin_memory=device.type == "cuda")
+    for i, (images, labels, lost, batch_problems, batch_fetched) in enumerate(loader):
         images, labels, gpu_lost, gpu_problems = batch_to_device(images, labels, device, False, stream.strict)
         fetched += batch_fetched
         sums[4] += lost + gpu_lost
@@ -177,6 +178,8 @@ def evaluate(
             ]
         )
         confusion.index_put_((labels, logits.argmax(1)), torch.ones_like(labels), accumulate=True)
+        if worst and not (lost or gpu_lost):  # with a sample lost, positions in the batch are unknown
+            wrong = most_wrong(wrong, logits, labels, batch_start(stream, num_workers, i), worst)
     model.train(was_training)
     sums = accelerator.reduce(sums, reduction="sum")
     confusion = accelerator.reduce(confusion, reduction="sum")
@@ -190,6 +193,7 @@ def evaluate(
         "problems": problems,
         "confusion": confusion.cpu().tolist(),
         "cache": reduce_counts(accelerator, fetched),
+        "worst": gather_worst(accelerator, wrong, worst) if worst else [],
     }
 
 
@@ -197,3 +201,29 @@ def reduce_counts(accelerator: Accelerator, counts: CacheCounts) -> CacheCounts:
     """Shard cache counts summed over ranks (int64: byte counts pass float32's exact range at 16 MB)."""
     total = accelerator.reduce(torch.tensor(counts.as_tuple(), dtype=torch.int64, device=accelerator.device), "sum")
     return CacheCounts(*(int(x) for x in total.tolist()))
+
+
+def batch_start(stream: ShardStream, num_workers: int, i: int) -> int:
+    """Position in the split (file order) of the first sample of the i-th batch an eval loader yields.
+
+    The DataLoader takes batches from its workers in turn; worker w makes batches w, w + W, ... from a
+    contiguous run of the rank's slice (ShardStream.__iter__), so batch i is the (i // W)-th of worker i % W."""
+    workers = max(num_workers, 1)
+    w, j = i % workers, i // workers
+    first = sum(len(range(v, stream.num_batches, workers)) for v in range(w))
+    return stream.rank_start + (first + j) * stream.batch_size
+
+
+def most_wrong(kept: list, logits: torch.Tensor, labels: torch.Tensor, start: int, k: int) -> list:
+    """The k most confident wrong predictions among `kept` and this batch's: (confidence, position, true, pred)."""
+    conf, pred = logits.float().softmax(1).max(1)
+    bad = (pred != labels).nonzero().flatten()
+    bad = bad[conf[bad].argsort(descending=True)[:k]].tolist()
+    new = [(conf[b].item(), start + b, labels[b].item(), pred[b].item()) for b in bad]
+    return sorted(kept + new, key=lambda t: (-t[0], t[1]))[:k]
+
+
+def gather_worst(accelerator: Accelerator, wrong: list, k: int) -> list:
+    """Every rank's k most confidently wrong, merged (a collective: every rank calls it)."""
+    everyone = gather_object([wrong]) if accelerator.num_processes > 1 else [wrong]
+    return sorted((t for part in everyone for t in part), key=lambda t: (-t[0], t[1]))[:k]

@@ -63,6 +63,7 @@ class Run:
     best_val: float = -1.0
     history: list[dict] = field(default_factory=list)
     wandb_id: str = ""
+    wandb_steps: object = None  # dashboard.StepLog: what W&B logging skips after a crash (trainer.setup)
     lost_train: int = 0  # train samples that could not be read (replaced in their batch)
     problems: list[str] = field(default_factory=list)  # data problems not yet reported
     reported: set[str] = field(default_factory=set)

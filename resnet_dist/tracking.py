@@ -44,7 +44,7 @@ class Meter:
         return self.images / self.elapsed
 
 
-def wandb_init_kwargs(run_dir: Path, mode: str, run_id: str, name: str) -> dict:
+def wandb_init_kwargs(run_dir: Path, mode: str, run_id: str, name: str, system_stats: bool = True) -> dict:
     """W&B settings: the run folder lives inside RUN_DIR; a resumed run keeps its id."""
     return {
         "wandb": {
@@ -53,7 +53,7 @@ def wandb_init_kwargs(run_dir: Path, mode: str, run_id: str, name: str) -> dict:
             "id": run_id,
             "name": name,
             "resume": "allow",
-            "settings": {"console": "off", "x_disable_stats": True},
+            "settings": {"console": "off", "x_disable_stats": not system_stats},
         }
     }
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
+from resnet_dist import dashboard
 from resnet_dist.augment import BatchAugment
 from resnet_dist.cache import CacheCounts, cache_dir, cache_line, make_cache
 from resnet_dist.checkpoint import find_checkpoint
@@ -48,7 +49,7 @@ from resnet_dist.optim import build_optimizer, build_scheduler
 from resnet_dist.recipes import RECIPES, scaled_lr
 from resnet_dist.run import Run, restore, save
 from resnet_dist.runlock import claim_run_folder
-from resnet_dist.storage import check_shards, read_index
+from resnet_dist.storage import check_shards, read_bytes, read_index
 from resnet_dist.tracking import Meter, Reporter, plot_history, wandb_init_kwargs, write_history
 
 
@@ -151,6 +152,7 @@ def setup(cfg: TrainConfig) -> Run:
     guard = StepGuard(accelerator, StopRequest(), cfg.max_bad_steps)
     step = Step(accelerator, model, optimizer, scheduler, augment, guard, cfg.label_smoothing)
     run = Run(cfg, step, index, train, evals, Reporter(accelerator.is_main_process), run_dir, val_split)
+    run.wandb_steps = dashboard.StepLog(run_dir, accelerator.is_main_process and cfg.wandb_mode != "disabled")
     if last is not None:
         restore(run, last)
     else:
@@ -237,6 +239,7 @@ def train_one_epoch(run: Run) -> dict:
         "data_wait": meter.wait_fraction,
         "epoch_seconds": meter.elapsed,
         **cache_fields(fetched),
+        **dashboard.rank_throughput(acc, meter.rate, meter.wait_fraction),
     }
 
 
@@ -278,7 +281,9 @@ def log_train(run: Run, loss: torch.Tensor, window: Meter) -> None:
         "perf/data_wait_fraction": window.wait_fraction,
         "epoch": run.epoch + run.batch / run.train.num_batches,
     }
-    acc.log(metrics, step=run.global_step)
+    ranks = dashboard.rank_throughput(acc, window.rate, window.wait_fraction)  # every rank: a collective
+    metrics |= dashboard.rank_metrics(ranks, "perf/", per_rank=True)
+    run.wandb_steps.log(acc, metrics, run.global_step)
     report_problems(run)
     stats = (
         f"loss {mean_loss:.4f}  lr {lr:.4g}  {metrics['perf/img_per_s']:.0f} img/s  "
@@ -299,7 +304,7 @@ def report_problems(run: Run) -> None:
         run.reporter.line(f"warning: {problem}")
 
 
-def evaluate_split(run: Run, split: str) -> dict:
+def evaluate_split(run: Run, split: str, worst: int = 0) -> dict:
     return evaluate(
         run.step.accelerator,
         run.step.model,
@@ -308,6 +313,7 @@ def evaluate_split(run: Run, split: str) -> dict:
         run.cfg.num_workers,
         run.index.num_classes,
         tta_flip=run.cfg.eval_tta == "flip",
+        worst=worst,
     )
 
 
@@ -342,7 +348,8 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
     if run.history and run.history[-1]["epoch"] == row["epoch"]:
         run.history.pop()  # a resumed epoch replaces the row of its interrupted part
     run.history.append(row)
-    run.step.accelerator.log(
+    run.wandb_steps.log(
+        run.step.accelerator,
         {f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")}
         | {
             "train/epoch_loss": row["train_loss"],
@@ -351,7 +358,8 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
             "perf/epoch_data_wait": row["data_wait"],
             **{f"data/{k}": v for k, v in row.items() if k.startswith("cache_")},
             "epoch": row["epoch"],
-        },
+        }
+        | dashboard.rank_metrics(row, "perf/epoch_", per_rank=False),
         step=run.global_step,
     )
     improved = "val_top1" in row and row["val_top1"] > run.best_val
@@ -386,11 +394,7 @@ def fit(cfg: TrainConfig) -> dict:
     acc, started, cfg = run.step.accelerator, time.time(), run.cfg  # run.cfg: with the lr as scaled
     if acc.is_main_process:
         write_json_atomic(run.run_dir / "config.json", cfg.to_dict())
-    acc.init_trackers(
-        cfg.wandb_project,
-        config=cfg.to_dict() | {"world_size": acc.num_processes, "global_batch": run.global_batch},
-        init_kwargs=wandb_init_kwargs(run.run_dir, cfg.wandb_mode, run.wandb_id, run.run_dir.name),
-    )
+    start_tracking(run)
     announce(run)
     run.step.guard.stop.install()
     try:
@@ -412,6 +416,25 @@ def fit(cfg: TrainConfig) -> dict:
     summary = finish(run, time.time() - started)
     end_run(acc)  # closes W&B and the process group (a live gloo group can abort at exit)
     return summary
+
+
+def start_tracking(run: Run) -> None:
+    """Open the W&B run (main process) with the run's provenance in its config, and set up its dashboard."""
+    acc, cfg = run.step.accelerator, run.cfg
+    provenance = dashboard.run_provenance(acc)  # every rank: device names are gathered
+    if cfg.wandb_mode != "disabled":
+        dashboard.stage_artifacts_in(run.run_dir)
+    acc.init_trackers(
+        cfg.wandb_project,
+        config=cfg.to_dict() | provenance | {"global_batch": run.global_batch},
+        init_kwargs=wandb_init_kwargs(
+            run.run_dir, cfg.wandb_mode, run.wandb_id, run.run_dir.name, cfg.wandb_system_stats
+        ),
+    )
+    if acc.is_main_process and cfg.wandb_mode != "disabled":
+        wandb_run = acc.get_tracker("wandb", unwrap=True)
+        dashboard.define_metrics(wandb_run)
+        dashboard.log_dataset(wandb_run, cfg.data, read_bytes(cfg.data, "index.json"))
 
 
 def train_epochs(run: Run) -> None:
@@ -526,7 +549,8 @@ def finish(run: Run, wall: float) -> dict:
         summary["eval_counts"][run.val_split] = last["val_count"]
         summary["lost_eval_samples"][run.val_split] = last.get("val_lost", 0)
     if "test" in run.evals:
-        test = final_test_from_history(run, last) or evaluate_split(run, "test")
+        worst = dashboard.WORST if run.cfg.wandb_mode != "disabled" else 0
+        test = final_test_from_history(run, last) or evaluate_split(run, "test", worst)
         summary.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
         summary["eval_counts"]["test"] = test["count"]
         summary["lost_eval_samples"]["test"] = test["lost"]
@@ -541,6 +565,7 @@ def finish(run: Run, wall: float) -> dict:
             wandb_run = acc.get_tracker("wandb", unwrap=True)
             wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             wandb_run.summary.update({f"cache/{k}": v for k, v in summary["cache"].items() if k != "dir"})
+            end_dashboard(run, wandb_run, test if "test" in run.evals else None)
             if run.cfg.wandb_mode == "offline":
                 run.reporter.line(f"W&B offline run: upload it with `wandb sync {Path(wandb_run.dir).parent}`")
         write_json_atomic(run.run_dir / "summary.json", summary)
@@ -559,6 +584,14 @@ def finish(run: Run, wall: float) -> dict:
                 f"run folder {run.run_dir}"
             )
     return summary
+
+
+def end_dashboard(run: Run, wandb_run, test: dict | None) -> None:
+    """Main process, end of run: the test split's analysis (when test was evaluated at the end, with its
+    confusion matrix) and the checkpoints as `model` artifacts."""
+    if test is not None and "confusion" in test:
+        dashboard.log_test_analysis(wandb_run, test, run.index, run.cfg.data, run.global_step)
+    dashboard.log_checkpoints(wandb_run, run.run_dir, run.wandb_id)
 
 
 def final_test_from_history(run: Run, last: dict) -> dict | None:

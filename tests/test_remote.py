@@ -228,7 +228,7 @@ def test_file_urls_and_plain_paths_are_the_same_folder(synthetic_shards, tmp_pat
     assert storage.list_files(url) == storage.list_files(str(synthetic_shards))
     storage.write_file((tmp_path / "copy").as_uri(), "index.json", synthetic_shards / "index.json")
     assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["index.json"]  # no temporary left
-    with pytest.raises(DataError, match="cannot list a folder"):
+    with pytest.raises(UsageError, match="cannot be listed: give a brace pattern"):
         storage.list_files("https://example.invalid/shards")
 
 

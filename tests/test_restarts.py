@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -101,7 +102,9 @@ def test_a_killed_rank_is_restarted_and_the_run_finishes(data, tmp_path, trial):
     # rank 1 dies after optimizer step 6 of the first attempt; the last checkpoint is step 4's
     proc = start(FAULTS, "--data", str(data), "--out", str(out), *ARGS, restarts=1, FAULT_KILL="1:6")
     result = ok(finish(proc))
-    assert "exitcode: -9" in result.stderr  # torchrun saw the SIGKILL ...
+    assert "FAULT: rank 1 SIGKILLs itself after optimizer step 6" in result.stderr
+    # torchrun saw a failed process: the killed rank (-9), or first rank 0 losing its peer (1): a race
+    assert re.search(r"failed \(exitcode: (-9|1)\)", result.stderr), result.stderr[-3000:]
     assert "torchrun restart 1 of at most 1 after a failed process: resumed at optimizer step 4" in result.stdout
     assert f"resumed from {out / 'checkpoints' / 'last'}: epoch 1, micro-batch 4, optimizer step 4" in result.stdout
     summary = read_json(out / "summary.json")

@@ -44,15 +44,10 @@ def e2e_suite(args, data: dict, tmp: Path) -> list[dict]:
     return rows
 
 
-def e2e_kind(args, kind_name: str, base: Path, index: DatasetIndex, out: Path) -> dict:
-    """The trainer's own epoch (setup + train_one_epoch, streaming, its worker processes) vs the same
-    epoch's batches taken from the split held in memory as uint8, through the same train_step."""
+def e2e_config(args, base: Path, out: Path):
     from resnet_dist.config import TrainConfig
-    from resnet_dist.engine import seed_step, train_step
-    from resnet_dist.tracking import Reporter
-    from resnet_dist.trainer import setup, train_one_epoch
 
-    cfg = TrainConfig(
+    return TrainConfig(
         data=str(base),
         out=str(out),
         model=args.model,
@@ -63,6 +58,16 @@ def e2e_kind(args, kind_name: str, base: Path, index: DatasetIndex, out: Path) -
         epochs=10**6,
         wandb_mode="disabled",
     )
+
+
+def e2e_kind(args, kind_name: str, base: Path, index: DatasetIndex, out: Path) -> dict:
+    """The trainer's own epoch (setup + train_one_epoch, streaming, its worker processes) vs the same
+    epoch's batches taken from the split held in memory as uint8, through the same train_step."""
+    from resnet_dist.engine import seed_step, train_step
+    from resnet_dist.tracking import Reporter
+    from resnet_dist.trainer import setup, train_one_epoch
+
+    cfg = e2e_config(args, base, out)
     with launcher_precision(fast_precision()):
         run = setup(cfg)
     run.reporter = Reporter(False)  # the bench prints its own table

@@ -23,7 +23,7 @@ def at_step(run) -> None:
     rank, attempt = int(os.environ.get("RANK", "0")), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     kill = os.environ.get("FAULT_KILL")
     if kill and attempt == "0" and [rank, run.global_step] == [int(x) for x in kill.split(":")]:
-        sys.stdout.flush()
+        print(f"FAULT: rank {rank} SIGKILLs itself after optimizer step {run.global_step}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     pause = os.environ.get("FAULT_PAUSE")
     if pause and rank == 0 and run.global_step == int(pause.split(":", 1)[0]):
