@@ -20,6 +20,7 @@ happens on the training device.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import io
@@ -41,13 +42,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tv
 
-from resnet_dist.cache import CacheCounts, ShardCache, fetch_shard
+from resnet_dist.cache import CacheCounts, ShardCache, fetch_shard, shard_map
 from resnet_dist.crops import CropSpec, Plan, batch_draws, decode_reduced, image_size, make_plan, reduction, resize_crop
 from resnet_dist.errors import DataError
 from resnet_dist.gpu_decode import encoded_batch
 from resnet_dist.guard import ignore_stop_signals
 from resnet_dist.index import DEFAULT_LABEL, DatasetIndex, ShardInfo, SplitInfo, class_ids, shards_at
-from resnet_dist.integrity import checked_samples, load_table
+from resnet_dist.integrity import checked_samples, intact_group, load_table
+from resnet_dist.storage import is_remote
 from resnet_dist.tars import IMAGE_EXTS, sample_label, tar_samples
 
 
@@ -448,8 +450,20 @@ class ShardStream(IterableDataset):
         first = micro[0] * b // block * block
         stop = min(((micro[-1] + 1) * b - 1) // block * block + block, total)
         positions = (p for m in micro for p in range(m * b, (m + 1) * b))
-        raw = self._read(order, first, stop)
-        yield from shuffled_positions(raw, positions, first, block, total, [self.seed, self.epoch])
+        if not self._seekable():
+            raw = self._read(order, first, stop)
+            yield from shuffled_positions(raw, positions, first, block, total, [self.seed, self.epoch])
+            return
+        # Shuffle stream positions, not samples, and read only the samples at the positions this worker takes.
+        reader = SeekReader(self, order)
+        for q in shuffled_positions(iter(range(first, stop)), positions, first, block, total, [self.seed, self.epoch]):
+            yield reader.sample(q)
+
+    def _seekable(self) -> bool:
+        """Whether single samples can be read where they lie: some shard has a per-sample table, and the
+        bytes are in a local file (local data, or remote data through the shard cache; not --no-cache)."""
+        local = not is_remote(self.tar_base) or (self.cache is not None and self.cache.root is not None)
+        return local and any(shard.samples is not None for shard in self.split.shards)
 
     def _read(self, order: list[int], start: int, stop: int) -> Iterator[dict | Lost]:
         for piece in pieces_for_range(self.split, order, start, stop):
@@ -520,6 +534,67 @@ class ShardStream(IterableDataset):
                     problems,
                     fetched,
                 )
+
+
+class SeekReader:
+    """One epoch's train stream by position, each sample read from its own byte range.
+
+    Training takes, in each worker, micro-batches spread over the whole stream (ShardStream), so reading
+    whole shards would make every worker fetch, hash and walk every shard of the epoch to use a fraction
+    of it. Here a shard with a per-sample table, whose bytes are in a local file of index.json's size
+    (cache.shard_map), is mapped once, and each wanted sample's byte range is checked against its digest
+    and parsed alone: the digests are this path's integrity check, in place of the whole-file sha256. A
+    shard without a table or a local file, or the first time one of its samples fails its digest, is read
+    whole through read_piece, which checks its sha256 and salvages sample by sample, as before: the same
+    samples, the same Lost reasons, --strict-data the same errors.
+    """
+
+    def __init__(self, stream: ShardStream, order: list[int]):
+        self.stream = stream
+        self.shards = [stream.split.shards[i] for i in order]
+        self.starts = np.cumsum([0] + [shard.num_samples for shard in self.shards]).tolist()
+        # Place in `order` -> (map, table) or the whole shard's items; a shard goes once the positions,
+        # ascending by block, have moved past it, so a worker holds only the shards of its current block.
+        self.open: dict[int, tuple | list] = {}
+
+    def sample(self, q: int) -> dict | Lost:
+        """The item at stream position q (in shard order, before the block shuffle)."""
+        low = q // self.stream.shuffle_block * self.stream.shuffle_block
+        for j in [j for j in self.open if self.starts[j + 1] <= low]:
+            del self.open[j]
+        i = bisect.bisect_right(self.starts, q) - 1
+        if i not in self.open:
+            self.open[i] = self._open(self.shards[i])
+        state, k = self.open[i], q - self.starts[i]
+        if isinstance(state, list):
+            return state[k]
+        mapped, table = state
+        group = intact_group(mapped, table, k)
+        if group is None:  # the shard changed since it was packed: judge it whole, as read_piece always did
+            self.open[i] = self._whole(self.shards[i])
+            return self.open[i][k]
+        return {"__key__": group.key, "__url__": self.shards[i].file, **group.payloads(mapped)}
+
+    def _open(self, shard: ShardInfo) -> tuple | list:
+        if shard.samples is None:
+            return self._whole(shard)
+        s = self.stream
+        try:
+            mapped = shard_map(s.tar_base, shard, s.cache)
+        except DataError as exc:  # the download failed (after its retries): its samples are lost, as in read_piece
+            if s.strict:
+                raise
+            return [Lost(f"{exc}; its unread samples are skipped")] * shard.num_samples
+        if mapped is None:
+            return self._whole(shard)
+        try:
+            return mapped, load_table(s.base, shard)
+        except DataError:  # a missing or foreign table: the whole-shard read judges the shard by its sha256
+            return self._whole(shard)
+
+    def _whole(self, shard: ShardInfo) -> list[dict | Lost]:
+        s = self.stream
+        return read_piece(s.tar_base, Piece(shard, 0, shard.num_samples), s.strict, tables=s.base, cache=s.cache)
 
 
 def start_worker(_worker_id: int, trainer_pid: int) -> None:
