@@ -1,8 +1,9 @@
 """What the world-size-independent sample order costs a loader worker: CPU seconds per delivered image.
 
-Every worker reads (fetches, checks, walks the tar of) the whole stretch of the epoch's stream its
-micro-batches span, which, micro-batches of all ranks and workers interleaving, is the whole stream; it
-decodes only its own samples. So its CPU per delivered image grows with processes x workers. Measured in
+Micro-batches of all ranks and workers interleave, so a worker's samples lie all over the epoch's stream.
+With per-sample tables a worker reads only its own samples' byte ranges (resnet_dist.data.SeekReader);
+without them it reads (fetches, checks, walks the tar of) every shard its micro-batches span, which is the
+whole stream, and its CPU per delivered image falls with processes x workers. Measured in
 this process, as worker 0 of W of rank 0 (the DataLoader's worker info faked), over one train epoch:
 CPU time, not wall time, so other jobs on the machine do not blur it.
 
