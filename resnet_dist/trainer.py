@@ -590,7 +590,7 @@ def end_dashboard(run: Run, wandb_run, test: dict | None) -> None:
     """Main process, end of run: the test split's analysis (when test was evaluated at the end, with its
     confusion matrix) and the checkpoints as `model` artifacts."""
     if test is not None and "confusion" in test:
-        dashboard.log_test_analysis(wandb_run, test, run.index, run.cfg.data, run.global_step)
+        dashboard.log_test_analysis(wandb_run, test, run.index, run.cfg.data, run.global_step, run.train.cache)
     dashboard.log_checkpoints(wandb_run, run.run_dir, run.wandb_id)
 
 
