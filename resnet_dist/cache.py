@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import math
+import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from resnet_dist.errors import UsageError
 from resnet_dist.index import ShardInfo
+from resnet_dist.locations import local_path
 from resnet_dist.storage import is_remote, read_bytes
 
 ENV_CACHE = "RESNET_DIST_CACHE"  # the default cache folder, when --cache-dir is not given
@@ -172,6 +174,39 @@ def fetch_shard(base: str, shard: ShardInfo, cache: ShardCache | None) -> bytes:
     if stored and cache.limit_bytes is not None:
         evict(cache, keep=entry)
     return data
+
+
+def shard_map(base: str, shard: ShardInfo, cache: ShardCache | None) -> mmap.mmap | None:
+    """A read-only map of the shard's bytes in a local file, for reading single samples where they lie:
+    the file itself for local data; for remote data the cache's entry, downloaded once per machine first
+    (through fetch_shard) where it is missing. None where there is no such file of index.json's size: a
+    local file that is missing or changed size, --no-cache, a download that is not the shard index.json
+    describes, a cache disk that would not take it; the caller then reads the whole shard as before."""
+    if not is_remote(base):
+        return _map(Path(local_path(base)) / shard.file, shard)
+    if cache is None or cache.root is None:
+        return None
+    entry, lock = _paths(cache, shard.sha256)
+    with _locked(lock, fcntl.LOCK_SH):
+        mapped = _map(entry, shard)
+    if mapped is not None:
+        os.utime(entry)  # its last use: what least-recently-used eviction orders by
+        cache.counts.hits += 1
+        return mapped
+    fetch_shard(base, shard, cache)  # stores it if it is sound; counted there, as a download or a hit
+    # Mapped under the shared lock: eviction unlinks only unlocked entries, and a map outlives an unlink.
+    with _locked(lock, fcntl.LOCK_SH):
+        return _map(entry, shard)
+
+
+def _map(path: Path, shard: ShardInfo) -> mmap.mmap | None:
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != shard.bytes or not shard.bytes:
+                return None
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError:
+        return None
 
 
 def _hit(entry: Path, shard: ShardInfo, cache: ShardCache) -> bytes | None:

@@ -111,10 +111,11 @@ def make_plan(height: int, width: int, spec: CropSpec, u: np.ndarray | None) -> 
     return rrc_plan(height, width, spec, u) if spec.mode == "rrc" else center_plan(height, width, spec, u)
 
 
-def batch_draws(seed: int, epoch: int, rank: int, batch: int, n: int) -> np.ndarray:
-    """The uniforms of one batch's crops, [n, DRAWS]: a function of where the batch is in the run only,
-    so a resumed run (or another worker count) draws the same crops for the same batch."""
-    return np.random.default_rng([seed, epoch, rank, batch, SEED_TAG]).random((n, DRAWS))
+def batch_draws(seed: int, epoch: int, batch: int, n: int) -> np.ndarray:
+    """The uniforms of one batch's crops, [n, DRAWS]: a function of where the batch is in the run only
+    (`batch`: the global micro-batch, data.micro_batch), so a resumed run, on another worker count,
+    process count or accumulation, draws the same crops for the same batch."""
+    return np.random.default_rng([seed, epoch, batch, SEED_TAG]).random((n, DRAWS))
 
 
 def reduction(plan: Plan) -> int:

@@ -20,6 +20,7 @@ import torch
 from accelerate.utils import gather_object
 from PIL import Image
 
+from resnet_dist.cache import ShardCache
 from resnet_dist.data import Lost, Piece, read_piece, sample_parts
 from resnet_dist.errors import DataError
 from resnet_dist.evaluate import per_class
@@ -161,7 +162,9 @@ def log_checkpoints(wandb_run, run_dir: Path, run_id: str) -> list[str]:
     return logged
 
 
-def log_test_analysis(wandb_run, test: dict, index: DatasetIndex, data: str, step: int) -> None:
+def log_test_analysis(
+    wandb_run, test: dict, index: DatasetIndex, data: str, step: int, cache: ShardCache | None = None
+) -> None:
     """The test split's confusion matrix, per-class precision/recall/F1 and most confidently wrong images."""
     import wandb
 
@@ -173,14 +176,14 @@ def log_test_analysis(wandb_run, test: dict, index: DatasetIndex, data: str, ste
     columns = ["class", "precision", "recall", "f1", "support"]
     logged = {
         "test/per_class": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
-        "test/most_confidently_wrong": worst_table(test["worst"], index, data),
+        "test/most_confidently_wrong": worst_table(test["worst"], index, data, cache),
     }
     if len(classes) <= CONFUSION_MAX_CLASSES:
         logged["test/confusion_matrix"] = wandb.plot.confusion_matrix(y_true=truth, preds=preds, class_names=classes)
     wandb_run.log(logged, step=step)
 
 
-def worst_table(worst: list, index: DatasetIndex, data: str):
+def worst_table(worst: list, index: DatasetIndex, data: str, cache: ShardCache | None = None):
     """(confidence, position, true, predicted) rows as a table with each image, its key and its origin."""
     import wandb
 
@@ -188,7 +191,7 @@ def worst_table(worst: list, index: DatasetIndex, data: str):
     table = wandb.Table(columns=columns)
     positions = [pos for _, pos, _, _ in worst]
     found = locate(index.splits["test"].shards, positions)
-    samples = read_samples(index, data, positions, found)
+    samples = read_samples(index, data, positions, found, cache)
     for (conf, pos, true, pred), (shard, _) in zip(worst, found):
         image, key, origin = samples.get(pos, (None, None, None))
         table.add_data(image, index.classes[true], index.classes[pred], conf, key, shard.file, origin)
@@ -208,9 +211,12 @@ def locate(shards: list, positions: list[int]) -> list[tuple]:
     return out
 
 
-def read_samples(index: DatasetIndex, data: str, positions: list[int], found: list[tuple]) -> dict:
+def read_samples(
+    index: DatasetIndex, data: str, positions: list[int], found: list[tuple], cache: ShardCache | None = None
+) -> dict:
     """position -> (wandb.Image, key, origin) for the located samples: each shard read once, only the span
-    holding its wanted samples kept; origins from its per-sample table when the shards carry one."""
+    holding its wanted samples kept; origins from its per-sample table when the shards carry one. Remote
+    shards through the run's shard `cache`, which the test evaluation just filled: no second download."""
     import wandb
 
     by_shard: dict[str, list] = {}
@@ -221,7 +227,8 @@ def read_samples(index: DatasetIndex, data: str, positions: list[int], found: li
         shard = wanted[0][1]
         lo, hi = min(k for _, _, k in wanted), max(k for _, _, k in wanted)
         try:
-            items = read_piece(shards_at(data, index), Piece(shard, lo, hi - lo + 1), strict=False, tables=data)
+            piece = Piece(shard, lo, hi - lo + 1)
+            items = read_piece(shards_at(data, index), piece, strict=False, tables=data, cache=cache)
         except DataError:
             continue  # the table is an extra: a shard that cannot be read again leaves its rows without images
         origins = _origins(data, shard)

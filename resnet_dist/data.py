@@ -1,11 +1,14 @@
 """Streaming loader: exact, resumable sample ranges over WebDataset shards.
 
 Every epoch the shards of a split are put in a seeded order and seen as one virtual stream of
-samples. Each process takes an equal contiguous slice of it (so every rank yields the same number of
-batches, whatever the shard count), each loader worker a batch-aligned part of that slice. The
-per-shard counts in index.json say where each slice starts, so a worker opens only the shards its
-slice touches, and a resumed run starts at sample k directly instead of reading and dropping k
-samples.
+samples, shuffled within fixed global blocks. Training: optimizer step s takes stream positions
+[s*G, (s+1)*G) (G = batch x processes x accumulation), cut into micro-batches of `batch` positions;
+rank r at accumulation micro-step a takes micro-batch a*processes + r of the step (`micro_batch`). So
+the samples of a step depend only on (seed, epoch, G), not on how G is split into processes, loader
+workers and accumulation, and a run can resume on another split of the same G. Evaluation: each
+process takes a contiguous slice of the split in file order, each loader worker a batch-aligned part
+of it. The per-shard counts in index.json say where a position lies, so a resumed run starts at its
+step's position directly instead of reading and dropping the samples before it.
 
 Batches leave the workers as uint8 NHWC tensors of one size (4x fewer bytes than float32). Images
 of one size are decoded as they are and padded, cropped and flipped on the training device
@@ -17,6 +20,7 @@ happens on the training device.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import io
@@ -38,13 +42,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tv
 
-from resnet_dist.cache import CacheCounts, ShardCache, fetch_shard
+from resnet_dist.cache import CacheCounts, ShardCache, fetch_shard, shard_map
 from resnet_dist.crops import CropSpec, Plan, batch_draws, decode_reduced, image_size, make_plan, reduction, resize_crop
 from resnet_dist.errors import DataError
 from resnet_dist.gpu_decode import encoded_batch
 from resnet_dist.guard import ignore_stop_signals
 from resnet_dist.index import DEFAULT_LABEL, DatasetIndex, ShardInfo, SplitInfo, class_ids, shards_at
-from resnet_dist.integrity import checked_samples, load_table
+from resnet_dist.integrity import checked_samples, intact_group, load_table
+from resnet_dist.storage import is_remote
 from resnet_dist.tars import IMAGE_EXTS, sample_label, tar_samples
 
 
@@ -92,6 +97,20 @@ def pieces_for_range(split: SplitInfo, order: list[int], start: int, stop: int) 
 def train_steps_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_accum: int) -> int:
     """Micro-batches per rank per epoch: equal on every rank, a whole number of optimizer steps."""
     return num_samples // (batch_size * world_size * grad_accum) * grad_accum
+
+
+def micro_batch(k: int, rank: int, world_size: int) -> int:
+    """Which micro-batch of the epoch's global stream a rank's k-th micro-batch is (its positions are
+    [m*batch, (m+1)*batch)). Step s, micro-step a (k = s*accum + a) of rank r takes micro-batch
+    a*world + r of the step, s*world*accum + a*world + r in the epoch, which is k*world + r: so
+    2 processes x 1 micro-step and 1 process x 2 micro-steps make the same micro-batches."""
+    return k * world_size + rank
+
+
+def block_order(seed: int, epoch: int, block: int, size: int) -> np.ndarray:
+    """The shuffle of global block `block` (`size` positions): position i of the block holds the block's
+    order[i]-th sample in shard order. Seeded by (seed, epoch, block) only, so every rank and worker agrees."""
+    return np.random.default_rng([seed, epoch, block, 0xB10C]).permutation(size)
 
 
 def worker_batches(num_batches: int, worker: int, num_workers: int) -> range:
@@ -291,32 +310,29 @@ def salvage(tables: str, piece: Piece, data: bytes, problem: str, strict: bool) 
     return out
 
 
-def block_shuffle(samples: Iterator[dict], block: int, seed: list[int], first_block: int, drop: int) -> Iterator[dict]:
-    """Shuffle within consecutive blocks of `block` samples, then drop the first `drop` of the result.
+def shuffled_positions(
+    raw: Iterator[dict | Lost], positions: Iterator[int], first: int, block: int, total: int, seed: list[int]
+) -> Iterator[dict | Lost]:
+    """The samples at ascending stream `positions`, the stream shuffled within fixed blocks of `block`
+    positions (block j: [j*block, (j+1)*block), the last one shorter, `total` in all).
 
-    A sliding shuffle buffer's output depends on everything read before; fixed blocks, each with its
-    own seed, do not. That makes resuming at sample k exact: start at k's block, shuffle it the same
-    way, drop the head.
+    `raw` is the stream in shard order from position `first` (a block start) on, read once: a block is
+    taken from it when a position first needs it and dropped once no later position can, so a worker
+    holds at most the blocks its current micro-batch spans. Fixed blocks, each with its own seed, make
+    the order of a position independent of where reading started: a resume starts at its block.
     """
-    buffer: list[dict] = []
-    block_no = first_block
-
-    def flush() -> Iterator[dict]:
-        nonlocal drop, block_no
-        order = np.random.default_rng(seed + [block_no]).permutation(len(buffer))
-        block_no += 1
-        for i in order:
-            if drop:
-                drop -= 1
-            else:
-                yield buffer[i]
-        buffer.clear()
-
-    for sample in samples:
-        buffer.append(sample)
-        if len(buffer) == block:
-            yield from flush()
-    yield from flush()
+    blocks: dict[int, list] = {}
+    loaded = first // block
+    for p in positions:
+        j = p // block
+        while loaded <= j:
+            size = min(block, total - loaded * block)
+            got = list(islice(raw, size))
+            blocks[loaded] = [got[i] for i in block_order(*seed, loaded, size)]
+            loaded += 1
+        for old in [b for b in blocks if b < j]:
+            del blocks[old]
+        yield blocks[j][p - j * block]
 
 
 def collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,14 +353,16 @@ class ShardStream(IterableDataset):
     CacheCounts of the shard reads this worker made since its previous batch (remote data through
     `cache`: hits, downloads, bytes), so the trainer can sum what every worker of every rank did.
 
-    train=True: seeded shard order, block shuffle, exactly `num_batches` full batches on every rank
-    (the tail that does not fill a batch on every rank is left for other epochs' orders).
+    train=True: seeded shard order, global block shuffle, exactly `num_batches` full batches on every
+    rank: the micro-batches `micro_batch` gives this rank, of the epoch's whole optimizer steps (the
+    tail that does not fill a global batch is left for other epochs' orders).
     train=False: the split in file order, ranks take contiguous near-equal slices, the last batch may be
     short: every sample is seen exactly once across all ranks.
 
     crop=None: images are decoded at their own size, which must be the index's one size. A CropSpec:
     each image is decoded and cropped to spec.res (resnet_dist.crops), its random draws seeded by
-    (seed, epoch, rank, batch), so a resumed run crops exactly alike; decode="gpu" leaves
+    (seed, epoch, global micro-batch), so a resumed run, on any split of the global batch, crops exactly
+    alike; decode="gpu" leaves
     the cropping to the training process (resnet_dist.gpu_decode) and sends the JPEG bytes.
     """
 
@@ -377,8 +395,6 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle_block = seed, shuffle_block
         if train:
             self.num_batches = train_steps_per_epoch(self.split.num_samples, batch_size, world_size, grad_accum)
-            per_rank = self.num_batches * batch_size
-            self.rank_start, self.rank_stop = rank * per_rank, (rank + 1) * per_rank
         else:
             n = self.split.num_samples
             self.rank_start, self.rank_stop = rank * n // world_size, (rank + 1) * n // world_size
@@ -413,20 +429,41 @@ class ShardStream(IterableDataset):
         worker, num_workers = self._worker()
         mine = worker_batches(self.num_batches, worker, num_workers)
         done = len(worker_batches(self.start_batch, worker, num_workers))
+        order = epoch_shard_order(len(self.split.shards), self.seed, self.epoch, self.train)
+        if self.train:
+            micro = [micro_batch(k, self.rank, self.world_size) for k in mine[done:]]
+            yield from self._batches(self._train_samples(order, micro), iter(micro))
+            return
         # This worker's samples: a contiguous run of the rank's slice, its batches in order.
         first = sum(len(worker_batches(self.num_batches, w, num_workers)) for w in range(worker))
         begin = self.rank_start + first * self.batch_size
         end = min(begin + len(mine) * self.batch_size, self.rank_stop)
-        skip = done * self.batch_size
-        order = epoch_shard_order(len(self.split.shards), self.seed, self.epoch, self.train)
-        if self.train:
-            first_block = skip // self.shuffle_block
-            raw = self._read(order, begin + first_block * self.shuffle_block, end)
-            seed = [self.seed, self.epoch, self.rank, worker]
-            samples = block_shuffle(raw, self.shuffle_block, seed, first_block, drop=skip % self.shuffle_block)
-        else:
-            samples = self._read(order, begin + skip, end)
+        samples = self._read(order, begin + done * self.batch_size, end)
         yield from self._batches(samples, iter(mine[done:]))
+
+    def _train_samples(self, order: list[int], micro: list[int]) -> Iterator[dict | Lost]:
+        """The samples of global micro-batches `micro` (ascending), position by position. The stream is read
+        once, from the first block they touch to the last: each shard it needs is fetched once."""
+        if not micro:
+            return
+        b, block, total = self.batch_size, self.shuffle_block, self.split.num_samples
+        first = micro[0] * b // block * block
+        stop = min(((micro[-1] + 1) * b - 1) // block * block + block, total)
+        positions = (p for m in micro for p in range(m * b, (m + 1) * b))
+        if not self._seekable():
+            raw = self._read(order, first, stop)
+            yield from shuffled_positions(raw, positions, first, block, total, [self.seed, self.epoch])
+            return
+        # Shuffle stream positions, not samples, and read only the samples at the positions this worker takes.
+        reader = SeekReader(self, order)
+        for q in shuffled_positions(iter(range(first, stop)), positions, first, block, total, [self.seed, self.epoch]):
+            yield reader.sample(q)
+
+    def _seekable(self) -> bool:
+        """Whether single samples can be read where they lie: some shard has a per-sample table, and the
+        bytes are in a local file (local data, or remote data through the shard cache; not --no-cache)."""
+        local = not is_remote(self.tar_base) or (self.cache is not None and self.cache.root is not None)
+        return local and any(shard.samples is not None for shard in self.split.shards)
 
     def _read(self, order: list[int], start: int, stop: int) -> Iterator[dict | Lost]:
         for piece in pieces_for_range(self.split, order, start, stop):
@@ -457,7 +494,7 @@ class ShardStream(IterableDataset):
         """The batch's crop uniforms: for random crops in training only (evaluation crops the centre)."""
         if self.crop is None or not self.train:
             return [None] * self.batch_size
-        return batch_draws(self.seed, self.epoch, self.rank, batch, self.batch_size)
+        return batch_draws(self.seed, self.epoch, batch, self.batch_size)
 
     def _chunk(self, samples: Iterator[dict | Lost], numbers: Iterator[int]) -> list:
         """The next batch_size positions of the stream, decoded (Lost where they cannot be)."""
@@ -497,6 +534,67 @@ class ShardStream(IterableDataset):
                     problems,
                     fetched,
                 )
+
+
+class SeekReader:
+    """One epoch's train stream by position, each sample read from its own byte range.
+
+    Training takes, in each worker, micro-batches spread over the whole stream (ShardStream), so reading
+    whole shards would make every worker fetch, hash and walk every shard of the epoch to use a fraction
+    of it. Here a shard with a per-sample table, whose bytes are in a local file of index.json's size
+    (cache.shard_map), is mapped once, and each wanted sample's byte range is checked against its digest
+    and parsed alone: the digests are this path's integrity check, in place of the whole-file sha256. A
+    shard without a table or a local file, or the first time one of its samples fails its digest, is read
+    whole through read_piece, which checks its sha256 and salvages sample by sample, as before: the same
+    samples, the same Lost reasons, --strict-data the same errors.
+    """
+
+    def __init__(self, stream: ShardStream, order: list[int]):
+        self.stream = stream
+        self.shards = [stream.split.shards[i] for i in order]
+        self.starts = np.cumsum([0] + [shard.num_samples for shard in self.shards]).tolist()
+        # Place in `order` -> (map, table) or the whole shard's items; a shard goes once the positions,
+        # ascending by block, have moved past it, so a worker holds only the shards of its current block.
+        self.open: dict[int, tuple | list] = {}
+
+    def sample(self, q: int) -> dict | Lost:
+        """The item at stream position q (in shard order, before the block shuffle)."""
+        low = q // self.stream.shuffle_block * self.stream.shuffle_block
+        for j in [j for j in self.open if self.starts[j + 1] <= low]:
+            del self.open[j]
+        i = bisect.bisect_right(self.starts, q) - 1
+        if i not in self.open:
+            self.open[i] = self._open(self.shards[i])
+        state, k = self.open[i], q - self.starts[i]
+        if isinstance(state, list):
+            return state[k]
+        mapped, table = state
+        group = intact_group(mapped, table, k)
+        if group is None:  # the shard changed since it was packed: judge it whole, as read_piece always did
+            self.open[i] = self._whole(self.shards[i])
+            return self.open[i][k]
+        return {"__key__": group.key, "__url__": self.shards[i].file, **group.payloads(mapped)}
+
+    def _open(self, shard: ShardInfo) -> tuple | list:
+        if shard.samples is None:
+            return self._whole(shard)
+        s = self.stream
+        try:
+            mapped = shard_map(s.tar_base, shard, s.cache)
+        except DataError as exc:  # the download failed (after its retries): its samples are lost, as in read_piece
+            if s.strict:
+                raise
+            return [Lost(f"{exc}; its unread samples are skipped")] * shard.num_samples
+        if mapped is None:
+            return self._whole(shard)
+        try:
+            return mapped, load_table(s.base, shard)
+        except DataError:  # a missing or foreign table: the whole-shard read judges the shard by its sha256
+            return self._whole(shard)
+
+    def _whole(self, shard: ShardInfo) -> list[dict | Lost]:
+        s = self.stream
+        return read_piece(s.tar_base, Piece(shard, 0, shard.num_samples), s.strict, tables=s.base, cache=s.cache)
 
 
 def start_worker(_worker_id: int, trainer_pid: int) -> None:

@@ -6,7 +6,8 @@ range is checked against its own digest: the samples whose bytes are unchanged a
 and only the changed ones are lost, each named by shard, key and origin. The loader
 (resnet_dist.data.read_piece) and `python -m resnet_dist.shard verify` both judge samples here.
 
-Only a shard that already failed its sha256 gets here, so the happy path costs nothing extra.
+The whole-shard read gets here only for a shard that already failed its sha256. The train loader
+(resnet_dist.data.SeekReader) checks each sample it delivers with intact_group, in place of the sha256.
 """
 
 from __future__ import annotations

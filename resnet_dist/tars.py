@@ -187,11 +187,11 @@ def tar_samples(data: bytes, piece: _Piece) -> Iterator[dict]:
 # --- per-sample table -----------------------------------------------------------------------------
 # A shard's samples, each with its byte range and a digest of those bytes, kept in a sidecar file
 # beside index.json ("samples-SHA.json"). A reader whose shard fails its whole-file sha256 checks
-# each sample's own bytes and loses only those that changed; the offsets let it seek straight to
-# sample k. Why a sidecar and not index.json: at ImageNet scale (1.28 M samples) the table is ~120 MB
-# of JSON (~400 MB of Python objects) that every process would parse at start for the rare damaged
-# shard; a sidecar is read only for the shard that needs it (docs/shard-format.md). Why blake2b-64 per
-# sample: random damage is what it must catch (the whole-file sha256 still guards the shard), and 16 hex
+# each sample's own bytes and loses only those that changed; the offsets let the train loader seek
+# straight to the samples it delivers (resnet_dist.data.SeekReader). Why a sidecar and not
+# index.json: at ImageNet scale (1.28 M samples) the table is ~120 MB of JSON (~400 MB of Python
+# objects) that every process would parse at start; a sidecar is read only with its shard
+# (docs/shard-format.md). Why blake2b-64 per sample: random damage is what it must catch, and 16 hex
 # digits keep the sidecar at ~80-95 bytes a sample, origins included.
 
 # Named by the shard's content, not its file name: a name holding a split word ("train-000000...") is
@@ -263,8 +263,11 @@ def parse_table(obj: object, where: str) -> SampleTable:
     n = len(obj["keys"])
     if any(len(obj[f]) != n for f in fields):
         raise ValueError(f"{where}: its lists differ in length")
-    ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in obj["offsets"] + obj["sizes"])
-    if not ints or not all(isinstance(k, str) for k in obj["keys"] + obj["digests"]):
+    # Type sets, not a Python loop per value: the train loader loads the table of every shard in every
+    # worker (resnet_dist.data.SeekReader), so this check runs over the whole dataset once per worker.
+    numbers = obj["offsets"] + obj["sizes"]
+    ints = set(map(type, numbers)) <= {int} and (not numbers or min(numbers) >= 0)  # type(True) is bool
+    if not ints or not set(map(type, obj["keys"] + obj["digests"])) <= {str}:
         raise ValueError(f"{where}: offsets and sizes must be integers >= 0, keys and digests strings")
     return SampleTable(
         shard=str(obj.get("shard", "")),

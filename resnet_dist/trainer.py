@@ -20,7 +20,7 @@ from resnet_dist.cache import CacheCounts, cache_dir, cache_line, make_cache
 from resnet_dist.checkpoint import find_checkpoint
 from resnet_dist.config import TrainConfig, parse_args
 from resnet_dist.crops import eval_crop_spec, train_crop_spec, train_res
-from resnet_dist.data import ShardStream, make_loader
+from resnet_dist.data import ShardStream, make_loader, micro_batch
 from resnet_dist.distributed import convert_sync_batchnorm, end_run
 from resnet_dist.engine import (
     Step,
@@ -209,7 +209,9 @@ def train_one_epoch(run: Run) -> dict:
             wait = time.perf_counter() - t0
             meter.add_wait(wait)
             window.add_wait(wait)
-            seed_step(cfg.seed, run.epoch, run.batch, acc.process_index, generator)
+            # Seeded by the global micro-batch, not the rank: 2 processes and 1 process accumulating 2
+            # augment (and drop out) the same micro-batches alike.
+            seed_step(cfg.seed, run.epoch, micro_batch(run.batch, acc.process_index, acc.num_processes), 0, generator)
             loss, hits = train_step(run.step, images, labels, generator)
             loss_sum += loss * labels.shape[0]
             correct += hits
@@ -588,7 +590,7 @@ def end_dashboard(run: Run, wandb_run, test: dict | None) -> None:
     """Main process, end of run: the test split's analysis (when test was evaluated at the end, with its
     confusion matrix) and the checkpoints as `model` artifacts."""
     if test is not None and "confusion" in test:
-        dashboard.log_test_analysis(wandb_run, test, run.index, run.cfg.data, run.global_step)
+        dashboard.log_test_analysis(wandb_run, test, run.index, run.cfg.data, run.global_step, run.train.cache)
     dashboard.log_checkpoints(wandb_run, run.run_dir, run.wandb_id)
 
 

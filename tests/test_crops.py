@@ -179,7 +179,7 @@ def test_rrc_crop_through_a_reduced_decode_matches_the_full_decode(photos):
     data = jpeg(photos[6])  # 1411 x 1411
     size = image_size(data, "x")
     full = torch.from_numpy(decode_image(data, 3, None, "x")).permute(2, 0, 1)
-    u = batch_draws(0, 0, 0, 0, 64)
+    u = batch_draws(0, 0, 0, 64)
     spec = CropSpec("rrc", 96, flip=True)
     unmapped = []
     for row in u:
@@ -325,7 +325,10 @@ def test_gpu_decode_path_on_the_cpu_gives_the_workers_crops(shards):
                 assert torch.equal(out[i], images[i])
                 same += 1
             else:
-                assert (out[i].float() - images[i].float()).abs().mean() <= 6
+                # 40-160 px images cut to 32 px: a reduced decode differs more than on photographs at 224 px.
+                # The worst image over the stream's draws of seeds 0-7 was 4.2-10.1 levels (4.8-9.4 with the
+                # draws seeded by rank before issue 12): the former bound of 6 held for seed 4's draws only.
+                assert (out[i].float() - images[i].float()).abs().mean() <= 12
     assert same > 20
 
 
@@ -342,6 +345,6 @@ def test_gpu_decode_loses_only_the_image_that_does_not_decode(shards):
 
 
 def test_draws_depend_on_the_batch_not_the_worker():
-    assert np.array_equal(batch_draws(1, 2, 3, 4, 8), batch_draws(1, 2, 3, 4, 8))
-    assert batch_draws(1, 2, 3, 4, 8).shape == (8, DRAWS)
-    assert not np.array_equal(batch_draws(1, 2, 3, 4, 8), batch_draws(1, 2, 3, 5, 8))
+    assert np.array_equal(batch_draws(1, 2, 4, 8), batch_draws(1, 2, 4, 8))
+    assert batch_draws(1, 2, 4, 8).shape == (8, DRAWS)
+    assert not np.array_equal(batch_draws(1, 2, 4, 8), batch_draws(1, 2, 5, 8))

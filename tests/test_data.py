@@ -1,12 +1,17 @@
 """The streaming loader on real shards made by the shard CLI: exact, equal, resumable."""
 
 import hashlib
+import json
+import shutil
 from collections import Counter
 
 import pytest
+import torch
 from helpers import shard
 
-from resnet_dist.data import ShardStream, epoch_shard_order, make_loader, pieces_for_range
+import resnet_dist.data as data_module
+from resnet_dist.data import ShardStream, epoch_shard_order, make_loader, micro_batch, pieces_for_range
+from resnet_dist.errors import DataError
 from resnet_dist.index import ShardInfo, SplitInfo
 from resnet_dist.storage import read_index
 
@@ -132,3 +137,120 @@ def test_mid_epoch_resume_yields_exactly_the_remaining_batches(synthetic_shards,
     assert len(rest) == len(stream) == len(full) - start
     assert fingerprints(rest) == fingerprints(full[start:])
     assert all(a[1].tolist() == b[1].tolist() for a, b in zip(rest, full[start:]))
+
+
+# Elastic determinism: a step's samples depend only on (seed, epoch, global batch) ---------------------------
+
+
+@pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (1, 2), (3, 2), (2, 4)])
+def test_every_micro_batch_of_every_step_is_taken_once_across_ranks_and_micro_steps(world, accum):
+    steps = 5
+    taken = Counter()
+    for rank in range(world):
+        for k in range(steps * accum):
+            m = micro_batch(k, rank, world)
+            assert m // (world * accum) == k // accum  # rank's k-th micro-batch belongs to its step k // accum
+            taken[m] += 1
+    assert taken == Counter(range(steps * world * accum))  # each exactly once, none outside the steps
+
+
+def elastic_stream(base, index, world, accum, workers, start=0):
+    """Micro-batches as the optimizer sees them: step by step, micro-step by micro-step, rank by rank."""
+    per_rank = [
+        rank_batches(
+            base, index, "train", r, world, workers, start=start, batch=16, grad_accum=accum, shuffle_block=40
+        )[0]
+        for r in range(world)
+    ]
+    assert len({len(b) for b in per_rank}) == 1
+    return [fingerprints([per_rank[r][k]]) for k in range(len(per_rank[0])) for r in range(world)]
+
+
+def test_a_step_has_the_same_micro_batches_whatever_the_split_of_the_global_batch(synthetic_shards):
+    """Global batch 64 as 2 ranks x 2 accumulation, 4 ranks, 1 rank x 4, 2 ranks x 2 with 3 workers: the
+    same micro-batches in the same order (and their position = step * 64 + m * 16, so the same per step);
+    over the epoch no sample twice, every whole global batch's worth of the stream taken."""
+    index = read_index(str(synthetic_shards))
+    ref = elastic_stream(synthetic_shards, index, 2, 2, 0)
+    assert len(ref) == 540 // 64 * 4
+    for world, accum, workers in [(4, 1, 2), (1, 4, 1), (2, 2, 3), (1, 4, 0)]:
+        assert elastic_stream(synthetic_shards, index, world, accum, workers) == ref, (world, accum, workers)
+    seen = [fp for batch in ref for fp in batch]
+    assert len(seen) == len(set(seen)) == 540 // 64 * 64
+    # resumed after 3 optimizer steps on another split: the same remaining micro-batches
+    assert elastic_stream(synthetic_shards, index, 1, 4, 2, start=3 * 4) == ref[3 * 4 :]
+    assert elastic_stream(synthetic_shards, index, 4, 1, 1, start=3) == ref[3 * 4 :]
+
+
+# --- the train path reads single samples where they lie (per-sample tables) -------------------------
+
+
+@pytest.fixture(scope="module")
+def four_shards(tmp_path_factory):
+    """640 train samples in 4 shards with per-sample tables: at a global batch of 32 every one is trained on."""
+    out = tmp_path_factory.mktemp("seek") / "ds"
+    args = ["--num-classes", "3", "--image-size", "8", "--num-samples", "640", "--shard-size", "160", "--seed", "4"]
+    result = shard("synthetic", "--out", str(out), *args)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def epoch_batches(base, world, workers, **kw):
+    """Every rank's batches of train epoch 1 (block 100: micro-batches straddle blocks and shards)."""
+    index = read_index(str(base))
+    kw = {"epoch": 1, "shuffle_block": 100, **kw}
+    return [rank_batches(base, index, "train", r, world, workers, **kw)[0] for r in range(world)]
+
+
+def whole_shard_reads(monkeypatch) -> list[str]:
+    """The shards read whole (read_piece) from now on, in this process."""
+    seen, real = [], data_module.read_piece
+
+    def spy(base, piece, *args, **kw):
+        seen.append(piece.file)
+        return real(base, piece, *args, **kw)
+
+    monkeypatch.setattr(data_module, "read_piece", spy)
+    return seen
+
+
+def same_batches(a, b) -> None:
+    assert [len(r) for r in a] == [len(r) for r in b]
+    for x, y in zip((x for r in a for x in r), (y for r in b for y in r)):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2:4] == y[2:4]
+
+
+@pytest.mark.parametrize("world,workers,start", [(1, 0, 0), (2, 0, 3)])
+def test_seeking_samples_gives_the_whole_shard_reads_batches(four_shards, monkeypatch, world, workers, start):
+    reads = whole_shard_reads(monkeypatch)
+    seek = epoch_batches(four_shards, world, workers, start=start)
+    assert reads == [] and index_format(four_shards) == 3  # no shard was read whole
+    monkeypatch.setattr(ShardStream, "_seekable", lambda self: False)
+    same_batches(seek, epoch_batches(four_shards, world, workers, start=start))
+    assert reads  # the whole-shard path ran
+
+
+def test_a_changed_sample_costs_only_itself_when_seeking(four_shards, tmp_path, monkeypatch):
+    copy = tmp_path / "ds"
+    shutil.copytree(four_shards, copy)
+    index = read_index(str(copy))
+    info = index.splits["train"].shards[2]
+    table = json.loads((copy / info.samples).read_text())
+    raw = bytearray((copy / info.file).read_bytes())
+    for k in (7, 100):
+        raw[table["offsets"][k] + 512 + 24] ^= 0x5A  # inside the image payload; the size stays
+    (copy / info.file).write_bytes(bytes(raw))
+    reads = whole_shard_reads(monkeypatch)
+    seek = epoch_batches(copy, 2, 0)
+    assert set(reads) == {info.file}  # only the changed shard was judged whole
+    assert sum(lost for r in seek for _, _, lost, *_ in r) == 2  # each of the 640 samples is read once
+    problems = {p for r in seek for *_, ps, _ in r for p in ps}
+    assert {f"{info.file}: sample {table['keys'][k]}" for k in (7, 100)} == {p.split(" (from")[0] for p in problems}
+    with pytest.raises(DataError, match=f"{info.file}: sample {table['keys'][7]} .*sha256 differs"):
+        epoch_batches(copy, 1, 0, strict=True)  # --strict-data: as the whole-shard read always said
+    monkeypatch.setattr(ShardStream, "_seekable", lambda self: False)
+    same_batches(seek, epoch_batches(copy, 2, 0))
+
+
+def index_format(base) -> int:
+    return json.loads((base / "index.json").read_text())["format_version"]
