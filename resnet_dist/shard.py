@@ -1244,8 +1244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         vp.add_argument("dir", help="folder holding index.json, or its URL (s3://, gs://, hf://, ...)")
         folder = check_location(vp.parse_args(argv[1:]).dir, "verify")
         problems = verify(folder)
-        for p in problems:
-            print(f"error: {p}", file=sys.stderr)
+        # One line per problem, unwrapped (a rich console would wrap long ones at its width).
+        sys.stderr.writelines(f"error: {p}\n" for p in problems)
         if problems:
             console.print(f"[red]{len(problems)} problem(s)[/]")
             return 1
