@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import shard
+from helpers import synthetic
 
 
 @pytest.fixture(autouse=True)
@@ -32,27 +32,8 @@ def own_shard_cache(tmp_path_factory, monkeypatch):
 def synthetic_shards(tmp_path_factory) -> Path:
     """A small 10-class, 16x16 RGB dataset with a learnable signal, in several uneven shards."""
     out = tmp_path_factory.mktemp("data") / "synthetic"
-    result = shard(
-        "synthetic",
-        "--out",
-        str(out),
-        "--num-classes",
-        "4",
-        "--image-size",
-        "16",
-        "--num-samples",
-        "600",
-        "--channels",
-        "3",
-        "--shard-size",
-        "70",
-        "--val-fraction",
-        "0.1",
-        "--seed",
-        "1",
-    )
-    assert result.returncode == 0, result.stderr
-    return out
+    options = dict(num_classes=4, image_size=16, num_samples=600, channels=3, shard_size=70, val_fraction=0.1)
+    return synthetic(out, **options, seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -62,26 +43,8 @@ def uneven_shards(tmp_path_factory) -> Path:
     An even split hides a rank that drops the n % world_size leftover; these sizes leave one at every
     world size from 2 to 10."""
     out = tmp_path_factory.mktemp("data") / "uneven"
-    result = shard(
-        "synthetic",
-        "--out",
-        str(out),
-        "--num-classes",
-        "4",
-        "--image-size",
-        "16",
-        "--num-samples",
-        "605",
-        "--channels",
-        "3",
-        "--shard-size",
-        "70",
-        "--val-fraction",
-        "0.102",
-        "--seed",
-        "1",
-    )
-    assert result.returncode == 0, result.stderr
+    options = dict(num_classes=4, image_size=16, num_samples=605, channels=3, shard_size=70, val_fraction=0.102)
+    synthetic(out, **options, seed=1)
     splits = json.loads((out / "index.json").read_text())["splits"]
     assert (splits["train"]["num_samples"], splits["val"]["num_samples"], splits["test"]["num_samples"]) == (
         544,

@@ -56,6 +56,15 @@ def shard(*args: str, timeout: int = 300, env: dict | None = None, **kw) -> subp
     )
 
 
+def synthetic(out: Path, **options) -> Path:
+    """Pack `python -m resnet_dist.shard synthetic --out OUT` with `options` as flags (num_classes=4 is
+    --num-classes 4), assert it worked, and return OUT: the one recipe every test dataset fixture uses."""
+    flags = [str(v) if i % 2 else f"--{k.replace('_', '-')}" for k, v in options.items() for i in (0, 1)]
+    result = shard("synthetic", "--out", str(out), *flags)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 def launch_cmd(processes: int = 2, mixed_precision: str = "no") -> list[str]:
     """The `accelerate launch` command line, up to the script: `processes` CPU processes joined by gloo
     (cpu_ddp.yaml, as the README tells users), or one process with no torchrun and no process group.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, TRAIN, launch_cmd, ok, read_json, run_env, shard
+from helpers import ROOT, TRAIN, launch_cmd, ok, read_json, run_env, shard, synthetic
 
 from resnet_dist.augment import BatchAugment
 from resnet_dist.data import ShardStream, make_loader
@@ -236,24 +236,7 @@ def three_class_shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gray_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("data1") / "gray"
-    ok(
-        shard(
-            "synthetic",
-            "--out",
-            str(out),
-            "--num-classes",
-            "4",
-            "--image-size",
-            "16",
-            "--num-samples",
-            "60",
-            "--channels",
-            "1",
-            "--seed",
-            "2",
-        )
-    )
-    return out
+    return synthetic(out, num_classes=4, image_size=16, num_samples=60, channels=1, seed=2)
 
 
 def in_process(*args):

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import ROOT, SCRIPTS, TRAIN, launch, launch_cmd, ok, read_json, run_env, shard, train
+from helpers import ROOT, SCRIPTS, TRAIN, launch, launch_cmd, ok, read_json, run_env, synthetic, train
 from safetensors.torch import load_file
 
 from resnet_dist.checkpoint import find_checkpoint, load_checkpoint
@@ -36,26 +36,7 @@ def errors(result) -> list[str]:
 def data(tmp_path_factory) -> Path:
     """Enough steps per epoch (2000 samples) that a signal lands mid-run."""
     out = tmp_path_factory.mktemp("faults") / "ds"
-    ok(
-        shard(
-            "synthetic",
-            "--out",
-            str(out),
-            "--num-classes",
-            "4",
-            "--image-size",
-            "12",
-            "--num-samples",
-            "2000",
-            "--shard-size",
-            "300",
-            "--val-fraction",
-            "0.1",
-            "--seed",
-            "3",
-        )
-    )
-    return out
+    return synthetic(out, num_classes=4, image_size=12, num_samples=2000, shard_size=300, val_fraction=0.1, seed=3)
 
 
 def start(*args: str, processes: int = 2) -> subprocess.Popen:

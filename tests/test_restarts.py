@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, SCRIPTS, TRAIN, launch_cmd, ok, read_json, run_env, shard
+from helpers import ROOT, SCRIPTS, TRAIN, launch_cmd, ok, read_json, run_env, synthetic
 
 from resnet_dist.runlock import LOCK_NAME, hold
 
@@ -37,26 +37,7 @@ ARGS += ["--checkpoint-every", "4", "--collective-timeout", "120"]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("restarts") / "ds"
-    ok(
-        shard(
-            "synthetic",
-            "--out",
-            str(out),
-            "--num-classes",
-            "4",
-            "--image-size",
-            "8",
-            "--num-samples",
-            "400",
-            "--shard-size",
-            "100",
-            "--val-fraction",
-            "0.1",
-            "--seed",
-            "1",
-        )
-    )
-    return out
+    return synthetic(out, num_classes=4, image_size=8, num_samples=400, shard_size=100, val_fraction=0.1, seed=1)
 
 
 def full_steps(data: Path) -> int:
