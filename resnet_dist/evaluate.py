@@ -12,8 +12,6 @@ and precision/recall/F1 come from that all-reduced confusion matrix.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,73 +22,31 @@ from accelerate import Accelerator
 
 from resnet_dist.augment import BatchAugment
 from resnet_dist.cache import ENV_CACHE, cache_dir, cache_line, check_limit, make_cache
-from resnet_dist.checkpoint import find_checkpoint, load_weights
+from resnet_dist.checkpoint import load_weights
 from resnet_dist.config import TrainConfig
 from resnet_dist.crops import eval_crop_spec
 from resnet_dist.data import ShardStream
 from resnet_dist.distributed import await_peers, check_world_size, end_run
 from resnet_dist.engine import evaluate
-from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
+from resnet_dist.errors import OneLineParser, UsageError, run_cli
 from resnet_dist.filesafe import save_figure, write_json_atomic
 from resnet_dist.index import DatasetIndex, shards_at
+from resnet_dist.inference import (
+    build_for,
+    config_of,
+    fill,
+    read_meta,
+    resolve_checkpoint,
+    run_folder_of,
+    stem_channels,
+)
 from resnet_dist.locations import check_location
-from resnet_dist.models import build_model
 from resnet_dist.storage import check_shards, is_remote, read_index
 
 TTA_CHOICES = ("none", "flip")
 
 
-# --- finding and loading a checkpoint -------------------------------------------------------------
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder as given, or a run folder's checkpoints/best, else checkpoints/last."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"--checkpoint {path}: no such file or folder")
-    found = find_checkpoint(path)
-    if found is not None:
-        return found
-    for name in ("best", "last"):
-        found = find_checkpoint(path / "checkpoints" / name)
-        if found is not None:
-            return found
-    raise UsageError(
-        f"--checkpoint {path}: neither a checkpoint folder (meta.json + model.safetensors) "
-        f"nor a run folder holding checkpoints/best or checkpoints/last"
-    )
-
-
-def run_folder_of(checkpoint: Path) -> Path:
-    """RUN_DIR of RUN_DIR/checkpoints/<name>; the checkpoint folder itself if it lives elsewhere."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
-
-
-def read_meta(checkpoint: Path) -> dict:
-    try:
-        meta = json.loads((checkpoint / "meta.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{checkpoint / 'meta.json'}: unreadable ({exc})") from None
-    if (
-        not isinstance(meta, dict)
-        or not isinstance(meta.get("config"), dict)
-        or not isinstance(meta.get("classes"), list)
-    ):
-        raise DataError(f"{checkpoint / 'meta.json'}: lacks the run's config and class names")
-    return meta
-
-
-def config_of(meta: dict) -> TrainConfig:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in meta["config"].items() if k in known})
-
-
-def stem_channels(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[str, int]:
-    """(name, input channels) of the first convolution's weight in the checkpoint."""
-    name = next(k for k, v in model.state_dict().items() if v.ndim == 4)
-    if name not in weights or weights[name].ndim != 4:
-        raise DataError(f"checkpoint weights lack {name}: not a {type(model).__name__} checkpoint")
-    return name, int(weights[name].shape[1])
+# --- loading the checkpoint's model -----------------------------------------------------------------
 
 
 def load_model(checkpoint: Path, meta: dict, index: DatasetIndex, data: str) -> torch.nn.Module:
@@ -103,29 +59,14 @@ def load_model(checkpoint: Path, meta: dict, index: DatasetIndex, data: str) -> 
             f"but {data} has {index.num_classes} ({', '.join(index.classes[:5])}"
             f"{', ...' if index.num_classes > 5 else ''})"
         )
-    model = build_model(
-        cfg.model,
-        num_classes=index.num_classes,
-        in_channels=index.channels,
-        stem=cfg.stem,
-        width=cfg.width or None,
-        dropout=cfg.dropout,
-        zero_init_residual=cfg.zero_init_residual,
-    )
+    model = build_for(cfg, index.num_classes, index.channels)
     weights = load_weights(checkpoint)
     _, channels = stem_channels(model, weights)
     if channels != index.channels:
         raise UsageError(
             f"checkpoint {checkpoint} takes {channels}-channel images but {data} holds {index.channels}-channel images"
         )
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise DataError(
-            f"{checkpoint}: weights do not fit a {cfg.model} of width {cfg.width} "
-            f"({first[1].strip() if len(first) > 1 else first[0]})"
-        ) from None
+    fill(model, weights, checkpoint, cfg)
     return model
 
 
