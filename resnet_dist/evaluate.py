@@ -3,8 +3,9 @@
     python -m resnet_dist.evaluate --checkpoint runs/fm --data shards/fm --split test [--tta flip]
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml -m resnet_dist.evaluate ...
 
-Only `meta.json` (JSON) and `model.safetensors` are read: the pickle-based `state.pt` of a checkpoint is
-never opened, so evaluating a checkpoint from elsewhere cannot run code. Counting is exact across ranks
+Only `meta.json` (JSON) and safetensors weights are read (`ema.safetensors` when the run kept an EMA and
+--weights is not raw, else `model.safetensors`): the pickle-based `state.pt` of a checkpoint is never
+opened, so evaluating a checkpoint from elsewhere cannot run code. Counting is exact across ranks
 (each rank evaluates a contiguous slice, then one all-reduce of the sums and of the confusion matrix),
 and precision/recall/F1 come from that all-reduced confusion matrix.
 """
@@ -22,7 +23,7 @@ from accelerate import Accelerator
 
 from resnet_dist.augment import BatchAugment
 from resnet_dist.cache import ENV_CACHE, cache_dir, cache_line, check_limit, make_cache
-from resnet_dist.checkpoint import load_weights
+from resnet_dist.checkpoint import WEIGHTS_CHOICES, load_inference_weights
 from resnet_dist.config import TrainConfig
 from resnet_dist.crops import eval_crop_spec
 from resnet_dist.data import ShardStream
@@ -32,6 +33,7 @@ from resnet_dist.errors import OneLineParser, UsageError, run_cli
 from resnet_dist.filesafe import save_figure, write_json_atomic
 from resnet_dist.index import DatasetIndex, shards_at
 from resnet_dist.inference import (
+    WEIGHT_NAMES,
     build_for,
     config_of,
     fill,
@@ -49,8 +51,11 @@ TTA_CHOICES = ("none", "flip")
 # --- loading the checkpoint's model -----------------------------------------------------------------
 
 
-def load_model(checkpoint: Path, meta: dict, index: DatasetIndex, data: str) -> torch.nn.Module:
-    """The checkpoint's model, built from its own config; refused if it does not fit the shards."""
+def load_model(
+    checkpoint: Path, meta: dict, index: DatasetIndex, data: str, weights: dict[str, torch.Tensor] | None = None
+) -> torch.nn.Module:
+    """The checkpoint's model, built from its own config, with `weights` (default: load_inference_weights'
+    choice); refused if it does not fit the shards."""
     cfg = config_of(meta)
     if list(meta["classes"]) != list(index.classes):
         raise UsageError(
@@ -60,7 +65,8 @@ def load_model(checkpoint: Path, meta: dict, index: DatasetIndex, data: str) -> 
             f"{', ...' if index.num_classes > 5 else ''})"
         )
     model = build_for(cfg, index.num_classes, index.channels)
-    weights = load_weights(checkpoint)
+    if weights is None:
+        weights, _ = load_inference_weights(checkpoint)
     _, channels = stem_channels(model, weights)
     if channels != index.channels:
         raise UsageError(
@@ -135,7 +141,8 @@ def print_results(result: dict) -> None:
     if not console.is_terminal:
         console.width = max(console.width, 120)  # logs and pipes: no truncated columns
     head = (
-        f"{result['split']} of {result['data']}{' with flip TTA' if result['tta'] == 'flip' else ''}: "
+        f"{result['split']} of {result['data']}{' with flip TTA' if result['tta'] == 'flip' else ''}, "
+        f"{WEIGHT_NAMES[result['weights']]}: "
         f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}  "
         f"on {result['count']:,} samples ({result['lost']} lost), {result['world_size']} process(es)"
     )
@@ -190,7 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TTA_CHOICES,
         help="flip: average the softmax of each image and its horizontal mirror",
     )
-    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval-SPLIT[-tta])")
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=WEIGHTS_CHOICES,
+        help="auto: the EMA weights (ema.safetensors) when the checkpoint has them, else model.safetensors; "
+        "ema: insist on the EMA weights; raw: model.safetensors",
+    )
+    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval-SPLIT[-tta][-raw])")
     parser.add_argument("--batch-size", type=int, default=256, help="images per process per batch (default: 256)")
     parser.add_argument("--num-workers", type=int, default=2, help="loader worker processes per process (default: 2)")
     add_cache_args(parser)
@@ -231,10 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     index = read_index(args.data)
     if args.split not in index.splits:
         raise UsageError(f"--split {args.split}: {args.data} has splits {', '.join(sorted(index.splits))}")
-    model = load_model(checkpoint, meta, index, args.data)
+    weights, kind = load_inference_weights(checkpoint, args.weights)
+    model = load_model(checkpoint, meta, index, args.data, weights)
     check_shards(args.data, index, [args.split])
     suffix = "-tta" if args.tta == "flip" else ""
-    out = Path(args.out) if args.out else run_folder_of(checkpoint) / f"eval-{args.split}{suffix}"
+    raw = "-raw" if args.weights == "raw" else ""  # beside, not over, the default (EMA when kept) evaluation
+    out = Path(args.out) if args.out else run_folder_of(checkpoint) / f"eval-{args.split}{suffix}{raw}"
 
     await_peers()  # bounded: never a silent wait for a rank that is not coming
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -257,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": str(args.data),
         "split": args.split,
         "tta": args.tta,
+        "weights": kind,
         "model": cfg.model,
         "epoch": meta.get("epoch"),
         "global_step": meta.get("global_step"),

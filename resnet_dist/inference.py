@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from resnet_dist.checkpoint import find_checkpoint
+from resnet_dist.checkpoint import find_checkpoint, load_inference_weights
 from resnet_dist.config import TrainConfig
+from resnet_dist.crops import CropSpec, Plan, center_plan, eval_crop_spec, image_size, resize_crop
+from resnet_dist.data import crop_image, decode_image
 from resnet_dist.errors import DataError, UsageError
 from resnet_dist.models import build_model
 
@@ -91,3 +95,87 @@ def fill(model: torch.nn.Module, weights: dict[str, torch.Tensor], checkpoint: P
             f"{checkpoint}: weights do not fit a {cfg.model} of width {cfg.width} "
             f"({first[1].strip() if len(first) > 1 else first[0]})"
         ) from None
+
+
+# --- a checkpoint on its own: predict and export (no shards) ----------------------------------------
+
+
+WEIGHT_NAMES = {"ema": "EMA weights", "raw": "raw weights"}
+
+
+def load_for_inference(checkpoint: Path, meta: dict, which: str = "auto") -> tuple[torch.nn.Module, str]:
+    """(model in eval mode, "ema" or "raw") from the checkpoint alone. The input channels are meta.json's,
+    or, for checkpoints written before meta.json held them, the first convolution's."""
+    cfg = config_of(meta)
+    weights, kind = load_inference_weights(checkpoint, which)
+    channels = meta.get("channels")
+    if not isinstance(channels, int):
+        channels = stem_channels(build_for(cfg, len(meta["classes"]), 3), weights)[1]
+    model = build_for(cfg, len(meta["classes"]), channels)
+    fill(model, weights, checkpoint, cfg)
+    return model.eval(), kind
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model takes: `channels`, and either the eval crop of an rrc/center run (`crop`) or the one
+    image size (height, width) of a pad run (`size`)."""
+
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop: CropSpec | None
+    size: tuple[int, int]
+
+    def describe(self) -> str:
+        h, w = self.size
+        if self.crop is None:
+            return f"{w}x{h} as they are; other sizes resized (shorter side) and centre-cropped to {w}x{h}"
+        short = round(self.crop.res / self.crop.crop_ratio)
+        return f"shorter side resized to {short}, centre {self.crop.res}x{self.crop.res}"
+
+
+def input_spec(meta: dict, model: torch.nn.Module, res: int = 0) -> InputSpec:
+    """The run's evaluation input, from meta.json; `res` (--res) where the checkpoint does not say."""
+    cfg = config_of(meta)
+    channels = next(v for v in model.state_dict().values() if v.ndim == 4).shape[1]
+    size = meta.get("image_size")
+    size = tuple(size) if isinstance(size, list) and len(size) == 2 else None
+    crop = eval_crop_spec(cfg, size)
+    if crop is not None and crop.res == 0 and res:
+        crop = dataclasses.replace(crop, res=res)
+    if crop is None and size is None and res:
+        size = (res, res)
+    side = crop.res if crop is not None else size
+    if not side:
+        raise UsageError("the checkpoint does not say its image size (written before meta.json held it): pass --res N")
+    stats = [tuple(float(v) for v in meta.get(k) or ()) for k in ("mean", "std")]
+    if not len(stats[0]) == len(stats[1]) == channels and not len(stats[0]) == len(stats[1]) == 1:
+        raise DataError(f"meta.json: mean/std do not fit {channels}-channel images")
+    square = (crop.res, crop.res) if crop is not None else size
+    return InputSpec(int(channels), stats[0], stats[1], crop, square)
+
+
+def prepare(data: bytes, spec: InputSpec, where: str) -> np.ndarray:
+    """Encoded image -> uint8 HxWxC as evaluate's loader makes it from a shard sample (data.ShardStream):
+    the same decoder, mode conversion, resize and crop. DataError if it does not decode."""
+    if spec.crop is not None:
+        size = image_size(data, where)
+        return crop_image(data, spec.channels, size, center_plan(*size, spec.crop), spec.crop.res, where)
+    array = decode_image(data, spec.channels, None, where)
+    if array.shape[:2] == spec.size:
+        return array
+    return cover(array, spec.size)
+
+
+def cover(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize (antialiased bilinear, as the crops are) so the image covers `size`, then take the centre."""
+    h, w = array.shape[:2]
+    th, tw = size
+    scale = max(th / h, tw / w)
+    out_h, out_w = max(th, round(h * scale)), max(tw, round(w * scale))
+    plan = Plan(0, 0, h, w, out_h, out_w, 0, 0, False)
+    image = torch.from_numpy(np.require(array, requirements="W")).permute(2, 0, 1)
+    big = resize_crop(image, plan, max(out_h, out_w))
+    top, left = (out_h - th) // 2, (out_w - tw) // 2
+    return big[:, top : top + th, left : left + tw].permute(1, 2, 0).contiguous().numpy()
