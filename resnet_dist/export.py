@@ -12,6 +12,7 @@ the logits, one row per image. MODEL_CARD.md beside the file says what the model
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import os
 import tempfile
@@ -61,6 +62,9 @@ def example(spec: InputSpec, n: int = 2) -> torch.Tensor:
 
 def write_onnx(module: nn.Module, spec: InputSpec, path: Path) -> None:
     """torch.export-based exporter (torch.onnx's default since 2.9; the TorchScript-based one is deprecated)."""
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"--format onnx needs {' and '.join(missing)}: pip install 'resnet-dist[export]'")
     batch = torch.export.Dim("batch", min=1)
     with redirect_stdout(io.StringIO()), warnings.catch_warnings():  # its progress lines: not the user's
         warnings.simplefilter("ignore")
