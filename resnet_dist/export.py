@@ -39,7 +39,7 @@ from resnet_dist.inference import (
 from resnet_dist.model_card import model_card
 
 FORMATS = ("onnx", "torchscript")
-OPSET = 18  # the dynamo exporter's own default in torch 2.14; onnxruntime >= 1.14 runs it
+OPSET = 18  # not torch 2.14's default (20): an older opset more runtimes read; checked with onnxruntime 1.32
 
 
 class Normalized(nn.Module):
