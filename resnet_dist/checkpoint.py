@@ -5,6 +5,8 @@ Layout of one checkpoint folder (checkpoints/last, checkpoints/best):
   state.pt            optimizer, scheduler, grad-scaler state and counters: tensors and plain
                       containers only, read back with torch.load(weights_only=True)
   meta.json           epoch, step, metrics: human-readable
+  ema.safetensors     (with --ema) the EMA of the weights, same keys as model.safetensors
+
 
 A checkpoint is first written to a temporary sibling folder, fsynced, then renamed into place; the
 previous one is moved aside first and deleted last, so a kill at any moment leaves one complete
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from resnet_dist.errors import DataError
+from resnet_dist.errors import DataError, UsageError
 from resnet_dist.filesafe import fsync_dir
 
 # Re-exported until trainer.py imports it from filesafe, where it now lives (issue 14: merged separately).
@@ -71,12 +73,28 @@ def find_checkpoint(folder: Path) -> Path | None:
     return None
 
 
-def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    path = Path(folder) / "model.safetensors"
+WEIGHTS_CHOICES = ("auto", "ema", "raw")
+
+
+def load_weights(folder: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    path = Path(folder) / name
     try:
         return load_file(str(path))
     except (OSError, Exception) as exc:  # safetensors raises its own error type for damaged headers
         raise DataError(f"{path}: cannot read weights ({exc})") from exc
+
+
+def load_inference_weights(folder: Path, which: str = "auto") -> tuple[dict[str, torch.Tensor], str]:
+    """(weights, "ema" or "raw") of a checkpoint for evaluate, predict and export: the EMA weights
+    (ema.safetensors) when present, unless `which` is "raw"; "ema" insists on them."""
+    if which not in WEIGHTS_CHOICES:
+        raise UsageError(f"--weights {which}: choose one of {', '.join(WEIGHTS_CHOICES)}")
+    has_ema = (Path(folder) / "ema.safetensors").is_file()
+    if which == "ema" and not has_ema:
+        raise UsageError(f"--weights ema: {folder} has no ema.safetensors (the run was trained without --ema)")
+    if has_ema and which != "raw":
+        return load_weights(folder, "ema.safetensors"), "ema"
+    return load_weights(folder), "raw"
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:

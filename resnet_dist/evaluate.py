@@ -3,8 +3,9 @@
     python -m resnet_dist.evaluate --checkpoint runs/fm --data shards/fm --split test [--tta flip]
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml -m resnet_dist.evaluate ...
 
-Only `meta.json` (JSON) and `model.safetensors` are read: the pickle-based `state.pt` of a checkpoint is
-never opened, so evaluating a checkpoint from elsewhere cannot run code. Counting is exact across ranks
+Only `meta.json` (JSON) and safetensors weights are read (`ema.safetensors` when the run kept an EMA and
+--weights is not raw, else `model.safetensors`): the pickle-based `state.pt` of a checkpoint is never
+opened, so evaluating a checkpoint from elsewhere cannot run code. Counting is exact across ranks
 (each rank evaluates a contiguous slice, then one all-reduce of the sums and of the confusion matrix),
 and precision/recall/F1 come from that all-reduced confusion matrix.
 """
@@ -12,8 +13,6 @@ and precision/recall/F1 come from that all-reduced confusion matrix.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,77 +23,39 @@ from accelerate import Accelerator
 
 from resnet_dist.augment import BatchAugment
 from resnet_dist.cache import ENV_CACHE, cache_dir, cache_line, check_limit, make_cache
-from resnet_dist.checkpoint import find_checkpoint, load_weights
+from resnet_dist.checkpoint import WEIGHTS_CHOICES, load_inference_weights
 from resnet_dist.config import TrainConfig
 from resnet_dist.crops import eval_crop_spec
 from resnet_dist.data import ShardStream
 from resnet_dist.distributed import await_peers, check_world_size, end_run
 from resnet_dist.engine import evaluate
-from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
+from resnet_dist.errors import OneLineParser, UsageError, run_cli
 from resnet_dist.filesafe import save_figure, write_json_atomic
 from resnet_dist.index import DatasetIndex, shards_at
+from resnet_dist.inference import (
+    WEIGHT_NAMES,
+    build_for,
+    config_of,
+    fill,
+    read_meta,
+    resolve_checkpoint,
+    run_folder_of,
+    stem_channels,
+)
 from resnet_dist.locations import check_location
-from resnet_dist.models import build_model
 from resnet_dist.storage import check_shards, is_remote, read_index
 
 TTA_CHOICES = ("none", "flip")
 
 
-# --- finding and loading a checkpoint -------------------------------------------------------------
+# --- loading the checkpoint's model -----------------------------------------------------------------
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder as given, or a run folder's checkpoints/best, else checkpoints/last."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"--checkpoint {path}: no such file or folder")
-    found = find_checkpoint(path)
-    if found is not None:
-        return found
-    for name in ("best", "last"):
-        found = find_checkpoint(path / "checkpoints" / name)
-        if found is not None:
-            return found
-    raise UsageError(
-        f"--checkpoint {path}: neither a checkpoint folder (meta.json + model.safetensors) "
-        f"nor a run folder holding checkpoints/best or checkpoints/last"
-    )
-
-
-def run_folder_of(checkpoint: Path) -> Path:
-    """RUN_DIR of RUN_DIR/checkpoints/<name>; the checkpoint folder itself if it lives elsewhere."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
-
-
-def read_meta(checkpoint: Path) -> dict:
-    try:
-        meta = json.loads((checkpoint / "meta.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{checkpoint / 'meta.json'}: unreadable ({exc})") from None
-    if (
-        not isinstance(meta, dict)
-        or not isinstance(meta.get("config"), dict)
-        or not isinstance(meta.get("classes"), list)
-    ):
-        raise DataError(f"{checkpoint / 'meta.json'}: lacks the run's config and class names")
-    return meta
-
-
-def config_of(meta: dict) -> TrainConfig:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in meta["config"].items() if k in known})
-
-
-def stem_channels(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[str, int]:
-    """(name, input channels) of the first convolution's weight in the checkpoint."""
-    name = next(k for k, v in model.state_dict().items() if v.ndim == 4)
-    if name not in weights or weights[name].ndim != 4:
-        raise DataError(f"checkpoint weights lack {name}: not a {type(model).__name__} checkpoint")
-    return name, int(weights[name].shape[1])
-
-
-def load_model(checkpoint: Path, meta: dict, index: DatasetIndex, data: str) -> torch.nn.Module:
-    """The checkpoint's model, built from its own config; refused if it does not fit the shards."""
+def load_model(
+    checkpoint: Path, meta: dict, index: DatasetIndex, data: str, weights: dict[str, torch.Tensor] | None = None
+) -> torch.nn.Module:
+    """The checkpoint's model, built from its own config, with `weights` (default: load_inference_weights'
+    choice); refused if it does not fit the shards."""
     cfg = config_of(meta)
     if list(meta["classes"]) != list(index.classes):
         raise UsageError(
@@ -103,29 +64,15 @@ def load_model(checkpoint: Path, meta: dict, index: DatasetIndex, data: str) -> 
             f"but {data} has {index.num_classes} ({', '.join(index.classes[:5])}"
             f"{', ...' if index.num_classes > 5 else ''})"
         )
-    model = build_model(
-        cfg.model,
-        num_classes=index.num_classes,
-        in_channels=index.channels,
-        stem=cfg.stem,
-        width=cfg.width or None,
-        dropout=cfg.dropout,
-        zero_init_residual=cfg.zero_init_residual,
-    )
-    weights = load_weights(checkpoint)
+    model = build_for(cfg, index.num_classes, index.channels)
+    if weights is None:
+        weights, _ = load_inference_weights(checkpoint)
     _, channels = stem_channels(model, weights)
     if channels != index.channels:
         raise UsageError(
             f"checkpoint {checkpoint} takes {channels}-channel images but {data} holds {index.channels}-channel images"
         )
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise DataError(
-            f"{checkpoint}: weights do not fit a {cfg.model} of width {cfg.width} "
-            f"({first[1].strip() if len(first) > 1 else first[0]})"
-        ) from None
+    fill(model, weights, checkpoint, cfg)
     return model
 
 
@@ -194,7 +141,8 @@ def print_results(result: dict) -> None:
     if not console.is_terminal:
         console.width = max(console.width, 120)  # logs and pipes: no truncated columns
     head = (
-        f"{result['split']} of {result['data']}{' with flip TTA' if result['tta'] == 'flip' else ''}: "
+        f"{result['split']} of {result['data']}{' with flip TTA' if result['tta'] == 'flip' else ''}, "
+        f"{WEIGHT_NAMES[result['weights']]}: "
         f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}  "
         f"on {result['count']:,} samples ({result['lost']} lost), {result['world_size']} process(es)"
     )
@@ -249,7 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TTA_CHOICES,
         help="flip: average the softmax of each image and its horizontal mirror",
     )
-    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval-SPLIT[-tta])")
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=WEIGHTS_CHOICES,
+        help="auto: the EMA weights (ema.safetensors) when the checkpoint has them, else model.safetensors; "
+        "ema: insist on the EMA weights; raw: model.safetensors",
+    )
+    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval-SPLIT[-tta][-raw])")
     parser.add_argument("--batch-size", type=int, default=256, help="images per process per batch (default: 256)")
     parser.add_argument("--num-workers", type=int, default=2, help="loader worker processes per process (default: 2)")
     add_cache_args(parser)
@@ -290,10 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     index = read_index(args.data)
     if args.split not in index.splits:
         raise UsageError(f"--split {args.split}: {args.data} has splits {', '.join(sorted(index.splits))}")
-    model = load_model(checkpoint, meta, index, args.data)
+    weights, kind = load_inference_weights(checkpoint, args.weights)
+    model = load_model(checkpoint, meta, index, args.data, weights)
     check_shards(args.data, index, [args.split])
     suffix = "-tta" if args.tta == "flip" else ""
-    out = Path(args.out) if args.out else run_folder_of(checkpoint) / f"eval-{args.split}{suffix}"
+    raw = "-raw" if args.weights == "raw" else ""  # beside, not over, the default (EMA when kept) evaluation
+    out = Path(args.out) if args.out else run_folder_of(checkpoint) / f"eval-{args.split}{suffix}{raw}"
 
     await_peers()  # bounded: never a silent wait for a rank that is not coming
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -316,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": str(args.data),
         "split": args.split,
         "tta": args.tta,
+        "weights": kind,
         "model": cfg.model,
         "epoch": meta.get("epoch"),
         "global_step": meta.get("global_step"),

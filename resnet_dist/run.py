@@ -103,6 +103,9 @@ def save(run: Run, name: str, metrics: dict | None = None) -> None:
             "classes": run.index.classes,
             "mean": run.index.mean,
             "std": run.index.std,
+            # predict and export prepare images without the shards: the run's input, from here
+            "image_size": list(run.index.image_size) if run.index.image_size else None,
+            "channels": run.index.channels,
         }
         folder = run.run_dir / "checkpoints" / name
         try:

@@ -217,6 +217,8 @@ HELP_CASES = [
     ("shard", ["verify"], "python -m resnet_dist.shard verify", "folder holding index.json"),
     ("shard", ["index"], "python -m resnet_dist.shard index", "--label-key"),
     ("evaluate", [], "python -m resnet_dist.evaluate", "--tta"),
+    ("predict", [], "python -m resnet_dist.predict", "--top-k"),
+    ("export", [], "python -m resnet_dist.export", "--format"),
     ("report", [], "python -m resnet_dist.report", "RUN_DIR"),
     ("launch/sweep", [], "launch/sweep.py", "--set"),
     ("launch/time_to_accuracy", [], "launch/time_to_accuracy.py", "--budget"),

@@ -57,3 +57,10 @@ def test_each_remote_scheme_has_an_extra_that_installs_its_backend():
         dists = [re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower() for r in extras[extra]]
         assert module.lower() in dists, (scheme, extra, dists)
         assert "resnet-dist[s3,gcs,azure,hf]" in extras["remote"] and extra in ("s3", "gcs", "azure", "hf")
+
+
+def test_make_test_installs_the_export_extra():
+    """`make test` installs .[dev]: the ONNX tests need the exporter's and onnxruntime's packages."""
+    dists = {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower() for r in PROJECT["optional-dependencies"]["export"]}
+    assert dists == {"onnx", "onnxscript", "onnxruntime"}
+    assert any(r.startswith("resnet-dist[") and "export" in r for r in PROJECT["optional-dependencies"]["dev"])
