@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 
-from resnet_dist.augment import BatchAugment
+from resnet_dist.augment import BatchAugment, intra_op_threads
 from resnet_dist.cache import CacheCounts
 from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream, make_loader
@@ -100,7 +100,7 @@ def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, generator
     """One micro-batch: augment on the device, forward, backward; an optimizer step on the last of K."""
     acc = step.accelerator
     x = step.augment.train(images, generator)
-    x, target, major = mix_batch(x, labels, step.mix, generator)  # mixing off: target = major = labels
+    x, target, major = mix(step, x, labels, generator)  # mixing off: target = major = labels
     with acc.accumulate(step.model):
         with acc.autocast():
             logits = step.model(x)
@@ -116,6 +116,13 @@ def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, generator
         step.optimizer.zero_grad(set_to_none=True)
     # Train top-1 under mixing counts a hit on the label of larger weight (README: Mixup and CutMix).
     return loss.detach(), (logits.argmax(1) == major).sum()
+
+
+def mix(step: Step, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> tuple:
+    """--mixup/--cutmix (resnet_dist.mix) with the batch transforms' intra-op threads on a CPU: a few
+    elementwise passes, which torch's default threads slow down on a loaded machine (augment.intra_op_threads)."""
+    with intra_op_threads(x.device, step.augment.cpu_threads):
+        return mix_batch(x, labels, step.mix, generator)
 
 
 def eval_scores(model: torch.nn.Module, images: torch.Tensor, augment: BatchAugment, tta_flip: bool) -> torch.Tensor:

@@ -90,14 +90,16 @@ def apply_mix(
     n, _, h, w = x.shape
     device = x.device
     lam = draws.lam.to(device, torch.float32)
-    blend = torch.where(draws.cut.to(device), 1.0, lam).view(n, 1, 1, 1).to(x.dtype)  # cutmix samples: no blend
     partner = x.roll(1, 0)
-    out = partner * (1.0 - blend) + x * blend  # torchvision MixUp's order of operations
-    y1, y2, x1, x2 = (t.to(device).view(n, 1, 1) for t in draws.box)
+    y1, y2, x1, x2 = (t.to(device).view(n, 1, 1) for t in draws.box)  # empty boxes where no cutmix
     rows = torch.arange(h, device=device).view(1, h, 1)
     cols = torch.arange(w, device=device).view(1, 1, w)
     inside = (rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2)  # (N, H, W)
-    out = torch.where(inside.unsqueeze(1), partner, out)
+    out = torch.where(inside.unsqueeze(1), partner, x)
+    # Blend only the mixup samples (a pass over the whole batch was half the cost at 224 px on a CPU).
+    blend = (~draws.cut & (draws.lam < 1)).nonzero().flatten().to(device)
+    weight = lam[blend].view(-1, 1, 1, 1).to(x.dtype)
+    out[blend] = partner[blend] * (1.0 - weight) + x[blend] * weight  # torchvision MixUp's order of operations
     onehot = F.one_hot(labels, num_classes).float()
     soft = onehot.roll(1, 0) * (1.0 - lam[:, None]) + onehot * lam[:, None]
     major = torch.where(lam >= 0.5, labels, labels.roll(1, 0))

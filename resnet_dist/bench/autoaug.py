@@ -4,6 +4,10 @@ One thread (a loader worker's setting), the same encoded images: decode alone (d
 worker's decode of fixed-size shards) vs decode + TrivialAugmentWide vs decode + RandAugment(2, 9)
 (autoaug.augment_image, seeding included), timed in turns. Rows are per-core rates (img/s); the ratio
 below 1 is the share of the worker's rate left with the augmentation on.
+
+And the device side of --mixup/--cutmix on this machine's device: BatchAugment.train + mix.mix_batch
+(mixup 0.2, cutmix 1.0) vs BatchAugment.train alone on the same uint8 batch, one intra-op thread as
+the trainer runs them on a CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from resnet_dist.bench.common import console, interleaved, make_row, say
+from resnet_dist.bench.common import console, device, interleaved, make_row, say
 from resnet_dist.index import DatasetIndex
 
 IMAGES = 256  # encoded images timed per repeat
@@ -51,6 +55,51 @@ def rate(images: list[bytes], index: DatasetIndex, spec) -> float:
 SPECS = {"decode": None, "trivialaugment": ("trivialaugment",), "randaugment": ("randaugment", 2, 9)}
 
 
+def batch_rate(images: torch.Tensor, labels: torch.Tensor, index: DatasetIndex, spec, repeats: int = 5) -> float:
+    """Images per second of the device's batch transforms (+ mixing with `spec`), best of `repeats`."""
+    from resnet_dist.augment import BatchAugment
+    from resnet_dist.mix import mix_batch
+
+    augment = BatchAugment(index.mean, index.std, images.device)
+    generator = torch.Generator().manual_seed(0)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = augment.train(images, generator)
+        if spec is not None:
+            mix_batch(x, labels, spec, generator)
+        best = min(best, time.perf_counter() - t0)
+    return len(images) / best
+
+
+def mix_row(kind: str, index: DatasetIndex, repeats: int) -> dict:
+    from resnet_dist.mix import MixSpec
+
+    h, w = index.image_size
+    n = 64 if h >= 128 else 128
+    images = torch.randint(0, 256, (n, h, w, index.channels), dtype=torch.uint8, device=device())
+    labels = torch.randint(0, index.num_classes, (n,), device=device())
+    spec = MixSpec(0.2, 1.0, 1.0, 0.5, index.num_classes)
+    batch_rate(images, labels, index, spec, 2)  # warm-up
+    got = interleaved(
+        {
+            "plain": lambda: batch_rate(images, labels, index, None),
+            "mix": lambda: batch_rate(images, labels, index, spec),
+        },
+        repeats,
+    )
+    row = make_row(
+        "augment",
+        f"{kind} device batch {n} + mixup/cutmix",
+        got["mix"],
+        got["plain"],
+        "crop+flip+normalise alone",
+        "img/s",
+    )
+    say([row])
+    return row
+
+
 def kind_rows(kind: str, base: Path, index: DatasetIndex, repeats: int) -> list[dict]:
     from resnet_dist.autoaug import AugmentSpec
 
@@ -65,7 +114,7 @@ def kind_rows(kind: str, base: Path, index: DatasetIndex, repeats: int) -> list[
         case = f"{kind} decode+{name}"
         rows.append(make_row("augment", case, got[name], got["decode"], "decode alone", "img/s", **extra))
         say(rows[-1:])
-    return rows
+    return [*rows, mix_row(kind, index, repeats)]
 
 
 def augment_suite(args, data: dict[str, tuple[Path, DatasetIndex]]) -> list[dict]:
