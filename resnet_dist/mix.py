@@ -36,6 +36,12 @@ class MixSpec:
         return (self.mixup > 0 or self.cutmix > 0) and self.prob > 0
 
 
+def mix_spec(cfg, num_classes: int) -> MixSpec | None:
+    """The run's mixing from the config (None: off, and train_step draws nothing for it)."""
+    spec = MixSpec(cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob, num_classes)
+    return spec if spec.active else None
+
+
 @dataclass(frozen=True)
 class MixDraws:
     """One batch's draws, on the CPU: the image weight lam (after the CutMix correction), whether a sample

@@ -45,7 +45,7 @@ from resnet_dist.guard import (
     name_silent_ranks,
 )
 from resnet_dist.index import shards_at
-from resnet_dist.mix import MixSpec
+from resnet_dist.mix import mix_spec
 from resnet_dist.models import build_model, count_parameters
 from resnet_dist.optim import build_optimizer, build_scheduler
 from resnet_dist.recipes import RECIPES, scaled_lr
@@ -153,7 +153,7 @@ def setup(cfg: TrainConfig) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     augment = make_augment(cfg, index, accelerator.device)
     guard = StepGuard(accelerator, StopRequest(), cfg.max_bad_steps)
-    mix = MixSpec(cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob, index.num_classes)
+    mix = mix_spec(cfg, index.num_classes)
     step = Step(accelerator, model, optimizer, scheduler, augment, guard, cfg.label_smoothing, mix)
     run = Run(cfg, step, index, train, evals, Reporter(accelerator.is_main_process), run_dir, val_split)
     run.wandb_steps = dashboard.StepLog(run_dir, accelerator.is_main_process and cfg.wandb_mode != "disabled")
@@ -369,13 +369,8 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
     improved = "val_top1" in row and row["val_top1"] > run.best_val
     if improved:
         run.best_val = row["val_top1"]
-    run.reporter.line(epoch_line(row, run.val_split, run.train.cache is not None, mixed(run.cfg)))
+    run.reporter.line(epoch_line(row, run.val_split, run.train.cache is not None, run.step.mix is not None))
     return row, improved
-
-
-def mixed(cfg: TrainConfig) -> bool:
-    """Whether train images are mixed (--mixup/--cutmix): train top-1 then counts the label of larger weight."""
-    return (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mix_prob > 0
 
 
 def epoch_line(row: dict, split: str | None, remote: bool = False, mixed: bool = False) -> str:

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from resnet_dist.mix import MixSpec, apply_mix, draw_mix, mix_batch
+from resnet_dist.config import TrainConfig
+from resnet_dist.mix import MixSpec, apply_mix, draw_mix, mix_batch, mix_spec
 
 N_DRAWS = 4000
 # Two-sample Kolmogorov-Smirnov: equal laws give D above c(alpha) * sqrt(2 / n) = 1.95 * 0.022 = 0.044 with
@@ -140,3 +141,6 @@ def test_draws_come_from_the_steps_generator_only():
     out, target, major = mix_batch(x, y, MixSpec(0.0, 0.0, 1.0, 0.5, 5), g)
     assert out is x and target is y and major is y and torch.equal(g.get_state(), state)
     assert mix_batch(x, y, None, g)[0] is x
+    # the trainer's spec: None (nothing drawn, plain top-1) unless some sample can be mixed
+    assert mix_spec(TrainConfig(), 10) is None and mix_spec(TrainConfig(cutmix=1.0, mix_prob=0.0), 10) is None
+    assert mix_spec(TrainConfig(mixup=0.2), 10) == MixSpec(0.2, 0.0, 1.0, 0.5, 10)
