@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from resnet_dist.bench.common import console, device, interleaved, make_row, say
+from resnet_dist.errors import UsageError
 from resnet_dist.index import DatasetIndex
 
 IMAGES = 256  # encoded images timed per repeat
@@ -123,6 +124,8 @@ def augment_suite(args, data: dict[str, tuple[Path, DatasetIndex]]) -> list[dict
     torch.set_num_threads(1)  # as in a DataLoader worker
     try:
         for kind, (base, index) in data.items():
+            if index.image_size is None:
+                raise UsageError(f"--data {base}: the augment suite times images of one size (these vary)")
             rows += kind_rows(kind, base, index, args.repeats)
     finally:
         torch.set_num_threads(threads)
