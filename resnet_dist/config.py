@@ -99,6 +99,25 @@ class TrainConfig:
         "probability of erasing a random rectangle of a train image (torchvision's "
         "RandomErasing: 2-33% of the area, aspect 0.3-3.3, set to the dataset mean)",
     )
+    # issue 13: mix
+    mixup: float = opt(
+        0.0, "mixup: blend each train image with its batch neighbour, weight ~ Beta(ALPHA, ALPHA); 0: off"
+    )
+    cutmix: float = opt(
+        0.0, "cutmix: paste a box of the batch neighbour into each train image, kept area ~ Beta(ALPHA, ALPHA); 0: off"
+    )
+    mix_prob: float = opt(1.0, "--mixup/--cutmix: probability that a sample is mixed at all (timm's mixup_prob)")
+    mix_switch_prob: float = opt(
+        0.5, "--mixup and --cutmix both on: probability that a mixed sample uses cutmix (timm's switch_prob)"
+    )
+    augment: str = opt(
+        "none",
+        "per-sample auto-augmentation of train images in the loader workers: torchvision's TrivialAugmentWide "
+        "or RandAugment (after --train-crop rrc/center, before the device's pad crop + flip)",
+        ("none", "trivialaugment", "randaugment"),
+    )
+    randaugment_n: int = opt(2, "--augment randaugment: operations per image (torchvision's num_ops)")
+    randaugment_m: int = opt(9, "--augment randaugment: magnitude, 0-30 (torchvision's magnitude of 31 bins)")
     eval_every: int = opt(
         1,
         "validate every this many epochs (and after the last one); the best checkpoint is "
@@ -231,6 +250,17 @@ def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
         (
             not (cfg.scale_lr == "linear" and not cfg.tuned_global_batch),
             "--scale-lr linear needs the batch the lr was tuned for: a --recipe, or --tuned-global-batch N",
+        ),
+        # issue 13: mix
+        (cfg.mixup >= 0, f"--mixup must be >= 0 (got {cfg.mixup})"),
+        (cfg.cutmix >= 0, f"--cutmix must be >= 0 (got {cfg.cutmix})"),
+        (0 <= cfg.mix_prob <= 1, f"--mix-prob must be in [0, 1] (got {cfg.mix_prob})"),
+        (0 <= cfg.mix_switch_prob <= 1, f"--mix-switch-prob must be in [0, 1] (got {cfg.mix_switch_prob})"),
+        (cfg.randaugment_n >= 0, f"--randaugment-n must be >= 0 (got {cfg.randaugment_n})"),
+        (0 <= cfg.randaugment_m <= 30, f"--randaugment-m must be in [0, 30] (got {cfg.randaugment_m})"),
+        (
+            cfg.augment == "none" or cfg.decode == "cpu",
+            "--augment needs --decode cpu (the loader workers augment the images they decode)",
         ),
     ]
     for ok, message in checks:

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tv
 
+from resnet_dist.autoaug import AugmentSpec, augment_image, sample_seeds
 from resnet_dist.cache import CacheCounts, ShardCache, fetch_shard, shard_map
 from resnet_dist.crops import CropSpec, Plan, batch_draws, decode_reduced, image_size, make_plan, reduction, resize_crop
 from resnet_dist.errors import DataError
@@ -383,11 +384,13 @@ class ShardStream(IterableDataset):
         crop: CropSpec | None = None,
         decode: str = "cpu",
         cache: ShardCache | None = None,
+        augment: AugmentSpec | None = None,
     ):
         if crop is None and index.image_size is None:
             raise DataError(f"{base}: its images vary in size; they need a crop (a CropSpec) to make batches")
         self.base, self.index, self.split_name, self.strict = base, index, split, strict
         self.crop, self.decode, self.cache = crop, decode, cache
+        self.augment = augment if train else None  # evaluation is never augmented
         self.split = index.splits[split]
         # Foreign shards indexed elsewhere: the tars are at index.shard_base, index.json (and sidecars) at base.
         self.tar_base, self.ids = shards_at(base, index), class_ids(index)
@@ -496,10 +499,20 @@ class ShardStream(IterableDataset):
             return [None] * self.batch_size
         return batch_draws(self.seed, self.epoch, batch, self.batch_size)
 
+    def _augment(self, item: tuple | Lost, seed: int | None) -> tuple | Lost:
+        """A decoded (and cropped) train sample through --augment, seeded by its place in the run."""
+        if seed is None or isinstance(item, Lost) or isinstance(item[0], Encoded):
+            return item
+        return augment_image(item[0], self.augment, seed), item[1]
+
     def _chunk(self, samples: Iterator[dict | Lost], numbers: Iterator[int]) -> list:
-        """The next batch_size positions of the stream, decoded (Lost where they cannot be)."""
+        """The next batch_size positions of the stream, decoded (Lost where they cannot be), and augmented."""
         taken = list(islice(samples, self.batch_size))
-        return [self._decode(s, u) for s, u in zip(taken, self._draws(next(numbers)))] if taken else []
+        if not taken:
+            return []
+        batch = next(numbers)
+        seeds = sample_seeds(self.seed, self.epoch, batch, self.batch_size) if self.augment else [None] * len(taken)
+        return [self._augment(self._decode(s, u), a) for s, u, a in zip(taken, self._draws(batch), seeds)]
 
     def _counts(self) -> CacheCounts:
         return CacheCounts(*self.cache.counts.as_tuple()) if self.cache else CacheCounts()

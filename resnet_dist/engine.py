@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 
-from resnet_dist.augment import BatchAugment
+from resnet_dist.augment import BatchAugment, intra_op_threads
 from resnet_dist.cache import CacheCounts
 from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream, make_loader
@@ -26,6 +26,7 @@ from resnet_dist.errors import UsageError
 from resnet_dist.gpu_decode import batch_to_device
 from resnet_dist.guard import StepGuard
 from resnet_dist.hardware import cpu_has_bf16
+from resnet_dist.mix import MixSpec, mix_batch
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Step:
     augment: BatchAugment
     guard: StepGuard
     label_smoothing: float
+    mix: MixSpec | None = None  # issue 13: mix (--mixup/--cutmix)
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -98,10 +100,12 @@ def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, generator
     """One micro-batch: augment on the device, forward, backward; an optimizer step on the last of K."""
     acc = step.accelerator
     x = step.augment.train(images, generator)
+    x, target, major = mix(step, x, labels, generator)  # mixing off: target = major = labels
     with acc.accumulate(step.model):
         with acc.autocast():
             logits = step.model(x)
-            loss = F.cross_entropy(logits, labels, label_smoothing=step.label_smoothing)
+            # Soft (N, K) targets compose with label smoothing as torchvision's reference does.
+            loss = F.cross_entropy(logits, target, label_smoothing=step.label_smoothing)
         acc.backward(loss)
         step.guard.observe(loss)
         # Every rank reaches the same decision here: a NaN/inf loss anywhere skips the update everywhere.
@@ -110,7 +114,15 @@ def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, generator
             if not acc.optimizer_step_was_skipped:
                 step.scheduler.step()
         step.optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), (logits.argmax(1) == labels).sum()
+    # Train top-1 under mixing counts a hit on the label of larger weight (README: Mixup and CutMix).
+    return loss.detach(), (logits.argmax(1) == major).sum()
+
+
+def mix(step: Step, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> tuple:
+    """--mixup/--cutmix (resnet_dist.mix) with the batch transforms' intra-op threads on a CPU: a few
+    elementwise passes, which torch's default threads slow down on a loaded machine (augment.intra_op_threads)."""
+    with intra_op_threads(x.device, step.augment.cpu_threads):
+        return mix_batch(x, labels, step.mix, generator)
 
 
 def eval_scores(model: torch.nn.Module, images: torch.Tensor, augment: BatchAugment, tta_flip: bool) -> torch.Tensor:

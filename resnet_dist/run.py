@@ -42,6 +42,14 @@ RESUME_MUST_MATCH = (
     "res_schedule",
     "rrc_scale",
     "rrc_ratio",
+    # issue 13: mix
+    "mixup",
+    "cutmix",
+    "mix_prob",
+    "mix_switch_prob",
+    "augment",
+    "randaugment_n",
+    "randaugment_m",
 )
 
 

@@ -16,6 +16,7 @@ from accelerate.utils import gather_object
 
 from resnet_dist import dashboard
 from resnet_dist.augment import BatchAugment
+from resnet_dist.autoaug import augment_spec
 from resnet_dist.cache import CacheCounts, cache_dir, cache_line, make_cache
 from resnet_dist.checkpoint import find_checkpoint
 from resnet_dist.config import TrainConfig, parse_args
@@ -44,6 +45,7 @@ from resnet_dist.guard import (
     name_silent_ranks,
 )
 from resnet_dist.index import shards_at
+from resnet_dist.mix import mix_spec
 from resnet_dist.models import build_model, count_parameters
 from resnet_dist.optim import build_optimizer, build_scheduler
 from resnet_dist.recipes import RECIPES, scaled_lr
@@ -141,6 +143,7 @@ def setup(cfg: TrainConfig) -> Run:
         grad_accum=cfg.grad_accum,
         shuffle_block=cfg.shuffle_block,
         crop=train_crop_spec(cfg, index.image_size),
+        augment=augment_spec(cfg),
         **common,
     )
     crop = eval_crop_spec(cfg, index.image_size)
@@ -150,7 +153,8 @@ def setup(cfg: TrainConfig) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     augment = make_augment(cfg, index, accelerator.device)
     guard = StepGuard(accelerator, StopRequest(), cfg.max_bad_steps)
-    step = Step(accelerator, model, optimizer, scheduler, augment, guard, cfg.label_smoothing)
+    mix = mix_spec(cfg, index.num_classes)
+    step = Step(accelerator, model, optimizer, scheduler, augment, guard, cfg.label_smoothing, mix)
     run = Run(cfg, step, index, train, evals, Reporter(accelerator.is_main_process), run_dir, val_split)
     run.wandb_steps = dashboard.StepLog(run_dir, accelerator.is_main_process and cfg.wandb_mode != "disabled")
     if last is not None:
@@ -365,12 +369,13 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
     improved = "val_top1" in row and row["val_top1"] > run.best_val
     if improved:
         run.best_val = row["val_top1"]
-    run.reporter.line(epoch_line(row, run.val_split, run.train.cache is not None))
+    run.reporter.line(epoch_line(row, run.val_split, run.train.cache is not None, run.step.mix is not None))
     return row, improved
 
 
-def epoch_line(row: dict, split: str | None, remote: bool = False) -> str:
-    """The epoch's one line; for remote data with what the shard cache served and downloaded."""
+def epoch_line(row: dict, split: str | None, remote: bool = False, mixed: bool = False) -> str:
+    """The epoch's one line; for remote data with what the shard cache served and downloaded. With mixed
+    train images the train top-1 is against each image's label of larger weight, and says so."""
     cache = (
         f"  cache {row['cache_hits']} hits, {row['cache_downloads']} downloads "
         f"({row['cache_bytes_downloaded'] / 1e6:.1f} MB)"
@@ -383,7 +388,8 @@ def epoch_line(row: dict, split: str | None, remote: bool = False) -> str:
         else ""
     )
     return (
-        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}{val}  "
+        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} {'top-1 vs major label' if mixed else 'top-1'} "
+        f"{row['train_top1']:.2%}{val}  "
         f"{row['img_per_s']:.0f} img/s  data wait {row['data_wait']:.0%}  {row['epoch_seconds']:.1f} s{cache}"
     )
 

@@ -90,6 +90,13 @@ def test_e2e_suite_reports_the_data_wait(tmp_path, synthetic_shards):
     assert len(rows) == 1 and 0 <= rows[0]["extra"]["data_wait"] <= 1
 
 
+def test_augment_suite_times_each_augmentation_against_the_decode_alone(tmp_path, synthetic_shards):
+    rows = check_report(report(tmp_path, "augment", "--data", str(synthetic_shards), *TINY), "augment")
+    assert [r["case"] for r in rows][:2] == ["rgb16x16-png decode+trivialaugment", "rgb16x16-png decode+randaugment"]
+    assert rows[2]["case"] == "rgb16x16-png device batch 128 + mixup/cutmix"
+    assert all(r["baseline_name"] == "decode alone" and r["extra"]["decode_us"] > 0 for r in rows[:2])
+
+
 def test_scaling_suite_launches_two_processes(tmp_path):
     rows = check_report(report(tmp_path, "scaling", *TINY_MODEL, "--step-size", "16", *TINY), "scaling")
     extra = rows[0]["extra"]

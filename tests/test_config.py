@@ -32,6 +32,17 @@ BAD = [
     (["--data", "x", "--out", "y", "--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--data", "x", "--out", "y", "--max-steps", "-1"], "--max-steps must be >= 0"),
     (["--data", "x", "--out", "y", "--width", "-8"], "--width must be positive"),
+    # issue 13: mix
+    (["--data", "x", "--out", "y", "--mixup", "-0.2"], "--mixup must be >= 0"),
+    (["--data", "x", "--out", "y", "--cutmix", "-1"], "--cutmix must be >= 0"),
+    (["--data", "x", "--out", "y", "--mix-prob", "1.5"], "--mix-prob must be in [0, 1]"),
+    (["--data", "x", "--out", "y", "--mix-switch-prob", "-0.5"], "--mix-switch-prob must be in [0, 1]"),
+    (["--data", "x", "--out", "y", "--augment", "autoaugment"], "invalid choice: 'autoaugment'"),
+    (["--data", "x", "--out", "y", "--augment", "randaugment", "--randaugment-m", "31"], "--randaugment-m must be in"),
+    (
+        ["--data", "x", "--out", "y", "--augment", "trivialaugment", "--train-crop", "rrc", "--decode", "gpu"],
+        "--augment needs --decode cpu",
+    ),
 ]
 
 

@@ -13,7 +13,9 @@ Suites (docs/performance.md has the measured tables and what they mean):
            same epoch over the split held in memory as uint8; the data-wait fraction.
   scaling  2 processes x 1 thread (a real `accelerate launch`, gloo) vs 1 process x 2 threads, same
            global batch; the time of one gradient-sized all-reduce.
-  all      the four in turn.
+  augment  what --augment costs a loader worker: decode + TrivialAugmentWide / RandAugment vs decode alone,
+           per image on one thread (default kinds gray28,jpeg224).
+  all      the first four in turn.
 
 Every row is {suite, case, ours, baseline, baseline_name, ratio, unit}: both sides timed in this run,
 repeats interleaved (ours, baseline, ours, ...) so a load spike from other work hits both, each after
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from resnet_dist.bench.autoaug import augment_suite
 from resnet_dist.bench.common import DEFAULT_KINDS, KINDS, PHOTO, console, fmt, resolve_data
 from resnet_dist.bench.e2e import e2e_suite
 from resnet_dist.bench.loader import loader_suite
@@ -105,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         "against the alternative a user would otherwise run, side by side in one run.",
     )
     p.add_argument(
-        "suite", choices=(*SUITES, "all", WORKER), metavar="SUITE", help="loader | step | e2e | scaling | all"
+        "suite",
+        choices=(*SUITES, "augment", "all", WORKER),
+        metavar="SUITE",
+        help="loader | step | e2e | scaling | augment | all",
     )
     p.add_argument(
         "--data",
@@ -191,6 +197,8 @@ def suite_kinds(args, suite: str) -> list[str]:
         return args.kinds
     if args.data:
         return []
+    if suite == "augment":
+        return ["gray28", "jpeg224"]
     return DEFAULT_KINDS.split(",") if suite == "loader" else ["rgb32"]
 
 
@@ -201,6 +209,8 @@ def run_suites(args, suites: Sequence[str], tmp: Path) -> list[dict]:
         if suite in ("loader", "e2e"):
             data = resolve_data(args.data, suite_kinds(args, suite), args.samples, tmp / suite)
             rows += (loader_suite if suite == "loader" else e2e_suite)(args, data, tmp)
+        elif suite == "augment":
+            rows += augment_suite(args, resolve_data(args.data, suite_kinds(args, suite), args.samples, tmp / suite))
         elif suite == "step":
             rows += step_suite(args)
         else:
