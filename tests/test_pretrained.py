@@ -14,7 +14,7 @@ import torch
 import torchvision
 from accelerate import Accelerator
 from helpers import ROOT, TRAIN, run_env
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.models import adapt_input_conv as timm_adapt
 from timm.optim import param_groups_weight_decay
 from torch import nn
@@ -35,6 +35,7 @@ from resnet_dist.pretrained import (
     read_state_dict,
     set_backbone_trainable,
 )
+from resnet_dist.trainer import fit
 
 
 def resnet(name="resnet18", classes=10, channels=1, stem="imagenet", width=None):
@@ -286,3 +287,26 @@ def test_clipping_with_accumulation_clips_the_summed_gradient():
             p -= 0.5 * p.grad
     for a, b in zip(net.parameters(), reference.parameters()):
         assert torch.allclose(a, b, atol=1e-7), (a - b).abs().max()
+
+
+# --- a resume across --unfreeze-epoch ------------------------------------------------------------------------
+
+
+def test_resume_across_the_unfreeze_epoch_matches_the_uninterrupted_run(synthetic_shards, tmp_path):
+    """In process, one process (the 2-process DDP rebuild runs in test_finetune.py): cut while frozen, resume
+    through the unfreeze, and end on the uninterrupted run's weights."""
+    torch.manual_seed(5)
+    save_file(resnet(classes=1000, channels=3, stem="cifar", width=8).state_dict(), str(tmp_path / "w.safetensors"))
+    args = ["--data", str(synthetic_shards), "--model", "resnet18", "--stem", "cifar", "--width", "8", "--lr", "0.02"]
+    args += ["--init-from", str(tmp_path / "w.safetensors"), "--freeze-backbone", "--unfreeze-epoch", "1"]
+    args += ["--epochs", "2", "--batch-size", "64", "--num-workers", "0", "--wandb-mode", "disabled"]
+    args += ["--backbone-lr-mult", "0.5", "--no-wd-norm-bias", "--clip-grad-norm", "2"]
+    fit(parse_args([*args, "--out", str(tmp_path / "full")])[0])
+    fit(parse_args([*args, "--out", str(tmp_path / "cut"), "--max-steps", "3"])[0])  # mid-epoch 1, frozen
+    fit(parse_args([*args, "--out", str(tmp_path / "cut")])[0])
+    a = load_file(tmp_path / "full" / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "last" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    first = load_file(tmp_path / "w.safetensors")
+    assert not torch.equal(a["layer1.0.conv1.weight"], first["layer1.0.conv1.weight"])  # unfrozen in epoch 2
