@@ -280,7 +280,7 @@ def check_finetune(cfg: TrainConfig, paths: bool) -> None:
         if not ok:
             raise UsageError(message)
     if cfg.init_from:
-        check_spec(cfg.init_from, cfg.model, paths)
+        check_spec(cfg.init_from, cfg.model, cfg.stem, paths)
 
 
 def check_crop_options(cfg: TrainConfig) -> None:

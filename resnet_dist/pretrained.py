@@ -37,12 +37,14 @@ KNOWN = {
 # --- what --init-from names: checked in config.validate, before any process group ---------------------------
 
 
-def check_spec(spec: str, model: str, paths: bool = True) -> None:
+def check_spec(spec: str, model: str, stem: str = "imagenet", paths: bool = True) -> None:
     """UsageError naming --init-from when `spec` cannot be a source of weights for `model` (reads nothing)."""
     if model == "simple_cnn":
         raise UsageError("--init-from loads ResNet weights; --model simple_cnn has no pretrained form")
     if spec.startswith(TORCHVISION):
         torchvision_weights(spec, model)
+        if stem != "imagenet":  # every torchvision ResNet has the 7x7 stem: say so before any work
+            raise UsageError(f"--init-from {spec}: torchvision's ResNets have the 7x7 stem: add --stem imagenet")
         return
     if scheme_of(spec) not in (None, "file"):
         check_location(spec, "--init-from")

@@ -144,7 +144,8 @@ def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
     ("flags", "message"),
     [
         (["--init-from", "torchvision:resnet50.DEFAULT"], "weights of resnet50, but --model is resnet18"),
-        (["--init-from", "torchvision:resnet18.IMAGENET9K"], "torchvision has no resnet18 weights 'IMAGENET9K'"),
+        (["--init-from", "torchvision:resnet18.DEFAULT"], "the 7x7 stem: add --stem imagenet"),
+        (["--init-from", "torchvision:resnet18.V9", "--stem", "imagenet"], "torchvision has no resnet18 weights 'V9'"),
         (["--init-from", "torchvision:resnet18"], "expected torchvision:ARCH.WEIGHTS"),
         (["--init-from", "ROOT/missing.pth"], "--init-from ROOT/missing.pth: no such file or folder"),
         (["--init-from", "ROOT"], "neither a checkpoint folder (meta.json + model.safetensors) nor a run folder"),
