@@ -203,12 +203,12 @@ def test_groups_split_head_backbone_and_norm_bias_as_timm():
     timm_groups = param_groups_weight_decay(model, 5e-4)  # [no decay, decay]
     assert {id(p) for p in timm_groups[0]["params"]} == {id(p) for g in groups[1::2] for p in g["params"]}
     assert {id(p) for p in timm_groups[1]["params"]} == {id(p) for g in groups[0::2] for p in g["params"]}
-    default = param_groups(model, TrainConfig(lr=0.2, weight_decay=5e-4))
-    assert [(g["name"], g["lr"], g["weight_decay"]) for g in default] == [
-        ("head", 0.2, 5e-4),
-        ("backbone", 0.2, 5e-4),
-    ]
-    assert sum(len(g["params"]) for g in default) == len(list(model.parameters()))
+    default = param_groups(model, TrainConfig(lr=0.2, weight_decay=5e-4))  # as before: one group, in order
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in default] == [("all", 0.2, 5e-4)]
+    assert default[0]["params"] == list(model.parameters())
+    no_wd = param_groups(model, TrainConfig(lr=0.2, weight_decay=5e-4, wd_norm_bias=False))
+    assert [g["name"] for g in no_wd] == ["all", "no-decay"]
+    assert {id(p) for p in no_wd[1]["params"]} == {id(p) for p in timm_groups[0]["params"]}
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "triangle", "none"])
