@@ -269,8 +269,10 @@ def sync_frozen(run: Run) -> None:
     if not cfg.freeze_backbone:
         return
     frozen = backbone_frozen(cfg, run.epoch)
-    model = acc.unwrap_model(run.step.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+    model = bare(acc, run.step.model)
     if set_backbone_trainable(model, not frozen):
+        # without the autocast wrapper prepare_model put on the module's forward: it puts it back
+        model = acc.unwrap_model(run.step.model, keep_fp32_wrapper=False, keep_torch_compile=False)
         run.step = dataclasses.replace(run.step, model=acc.prepare_model(model))
         run.step.model.train()
         run.reporter.line(f"epoch {run.epoch + 1}: backbone {'frozen' if frozen else 'unfrozen: all layers train'}")
@@ -521,7 +523,8 @@ def announce(run: Run) -> None:
     if run.init_note:
         run.reporter.line(run.init_note)
     if cfg.freeze_backbone:
-        until = f" for epochs 1-{cfg.unfreeze_epoch}" if cfg.unfreeze_epoch else ""
+        k = cfg.unfreeze_epoch
+        until = "" if not k else " for epoch 1" if k == 1 else f" for epochs 1-{k}"
         run.reporter.line(f"backbone frozen{until}: only fc trains; its BatchNorm layers stay in eval mode")
     if cfg.recipe:
         run.reporter.line(f"recipe {cfg.recipe}: {RECIPES[cfg.recipe].summary}")
