@@ -18,6 +18,7 @@ from resnet_dist.crops import parse_range, parse_res_schedule
 from resnet_dist.errors import OneLineParser, UsageError
 from resnet_dist.locations import check_location, scheme_of
 from resnet_dist.models import MODELS
+from resnet_dist.pretrained import check_spec
 from resnet_dist.recipes import RECIPES
 
 
@@ -148,6 +149,22 @@ class TrainConfig:
         ("auto", "off"),
     )
     compile: bool = opt(False, "torch.compile the model (compiling delays the first steps)")
+    # issue 13: init
+    init_from: str = opt(
+        "",
+        "start from these weights (torchvision/timm ResNet naming): a .safetensors or .pth/.pt/.bin file, a "
+        "checkpoint or run folder of this project, or torchvision:ARCH.WEIGHTS (e.g. torchvision:resnet50.DEFAULT); "
+        "a resumed run loads its own checkpoint instead",
+    )
+    freeze_backbone: bool = opt(False, "train the classifier (fc) only; the backbone's BatchNorm stays in eval mode")
+    unfreeze_epoch: int = opt(
+        0, "with --freeze-backbone: frozen for the first K epochs only, all layers trained after; 0: all"
+    )
+    backbone_lr_mult: float = opt(1.0, "the backbone's lr is --lr times this (the classifier keeps --lr)")
+    wd_norm_bias: bool = opt(
+        True, "weight decay on BatchNorm weights and biases and on all biases too (--no-wd-norm-bias: none there)"
+    )
+    clip_grad_norm: float = opt(0.0, "clip the global gradient norm to this before each optimizer step (0: off)")
     # run control
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs); for smoke runs")
     seed: int = opt(0, "seed for init, data order and augmentation")
@@ -266,10 +283,34 @@ def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    check_finetune(cfg, paths)
     check_places(cfg)
     check_crop_options(cfg)
     check_limit(cfg.cache_limit)
     return cfg
+
+
+def check_finetune(cfg: TrainConfig, paths: bool) -> None:
+    """--init-from (its scheme and existence; nothing is read) and the fine-tuning options."""
+    checks = [
+        (cfg.unfreeze_epoch >= 0, f"--unfreeze-epoch must be >= 0 (got {cfg.unfreeze_epoch})"),
+        (not cfg.unfreeze_epoch or cfg.freeze_backbone, "--unfreeze-epoch needs --freeze-backbone"),
+        (
+            cfg.unfreeze_epoch < cfg.epochs,
+            f"--unfreeze-epoch {cfg.unfreeze_epoch} leaves no epoch of {cfg.epochs} unfrozen (0: frozen throughout)",
+        ),
+        (
+            not cfg.freeze_backbone or cfg.init_from,
+            "--freeze-backbone needs --init-from: a frozen random backbone learns nothing",
+        ),
+        (cfg.backbone_lr_mult > 0, f"--backbone-lr-mult must be positive (got {cfg.backbone_lr_mult})"),
+        (cfg.clip_grad_norm >= 0, f"--clip-grad-norm must be >= 0, 0 for off (got {cfg.clip_grad_norm})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if cfg.init_from:
+        check_spec(cfg.init_from, cfg.model, cfg.stem, paths)
 
 
 def check_crop_options(cfg: TrainConfig) -> None:

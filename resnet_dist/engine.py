@@ -7,7 +7,7 @@ checkpoints are in run.py, the epoch and fit loops in trainer.py).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import numpy as np
@@ -29,6 +29,20 @@ from resnet_dist.hardware import cpu_has_bf16
 from resnet_dist.mix import MixSpec, mix_batch
 
 
+@dataclass
+class GradClip:
+    """--clip-grad-norm: the global gradient norm clipped before each optimizer step, and the last one seen."""
+
+    max_norm: float = 0.0  # 0: off
+    last_norm: torch.Tensor | None = None  # pre-clip norm at the last optimizer step (logged as train/grad_norm)
+
+    def __call__(self, accelerator: Accelerator, model: torch.nn.Module) -> None:
+        # Called on the sync step only: the gradients are then the whole accumulated (and all-reduced)
+        # ones, so the norm is the global batch's. Accelerate unscales fp16 gradients first.
+        if self.max_norm > 0:
+            self.last_norm = accelerator.clip_grad_norm_(model.parameters(), self.max_norm).detach()
+
+
 @dataclass(frozen=True)
 class Step:
     """Exactly what one train step uses, built once by trainer.setup."""
@@ -41,6 +55,7 @@ class Step:
     guard: StepGuard
     label_smoothing: float
     mix: MixSpec | None = None  # issue 13: mix (--mixup/--cutmix)
+    clip: GradClip = field(default_factory=GradClip)  # issue 13: init
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -110,6 +125,7 @@ def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, generator
         step.guard.observe(loss)
         # Every rank reaches the same decision here: a NaN/inf loss anywhere skips the update everywhere.
         if acc.sync_gradients and step.guard.decide():
+            step.clip(acc, step.model)
             step.optimizer.step()
             if not acc.optimizer_step_was_skipped:
                 step.scheduler.step()

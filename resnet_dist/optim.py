@@ -5,6 +5,41 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
+
+from resnet_dist.pretrained import head_names
+
+
+def no_decay(name: str, p: torch.nn.Parameter, norm_params: set[int]) -> bool:
+    """timm's param_groups_weight_decay rule: biases and every 1-d tensor (BatchNorm weights) take no decay."""
+    return p.ndim <= 1 or name.endswith(".bias") or id(p) in norm_params
+
+
+def param_groups(model: nn.Module, cfg) -> list[dict]:
+    """The optimizer's parameter groups, built here only. Split only as the options need: head | backbone
+    with --backbone-lr-mult (the backbone's lr is --lr x M), decay | no decay with --no-wd-norm-bias; with
+    neither, one group of model.parameters() in order, the optimizer every earlier checkpoint holds.
+    Frozen parameters stay in their group (they get no gradient, so the optimizer skips them): the groups,
+    and so a checkpoint's optimizer state, are the same frozen or not. The order is fixed (the head's group
+    first: param_groups[0]["lr"], the logged lr, is --lr's), so a resume finds the same groups."""
+    head = head_names(model) if cfg.backbone_lr_mult != 1 else set()
+    norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        part = "" if cfg.backbone_lr_mult == 1 else "head" if name in head else "backbone"
+        groups.setdefault((part, cfg.wd_norm_bias or not no_decay(name, p, norm_params)), []).append(p)
+    return [
+        {
+            "params": groups[part, decay],
+            "lr": cfg.lr * (cfg.backbone_lr_mult if part == "backbone" else 1.0),
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "name": " ".join(filter(None, [part, "" if decay else "no-decay"])) or "all",
+        }
+        for part in ("head", "backbone", "")
+        for decay in (True, False)
+        if (part, decay) in groups
+    ]
 
 
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
@@ -52,7 +87,7 @@ def build_scheduler(cfg, optimizer, total_steps: int, steps_per_epoch: int):
         pct = min(0.9, warmup / total_steps) if warmup else 0.25
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
-            max_lr=cfg.lr,
+            max_lr=[group["lr"] for group in optimizer.param_groups],  # per group: --backbone-lr-mult
             total_steps=max(total_steps, 2),
             pct_start=pct,
             cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0,

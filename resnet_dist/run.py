@@ -50,6 +50,13 @@ RESUME_MUST_MATCH = (
     "augment",
     "randaugment_n",
     "randaugment_m",
+    # issue 13: init (the parameter groups must match for the optimizer state to load)
+    "init_from",
+    "freeze_backbone",
+    "unfreeze_epoch",
+    "backbone_lr_mult",
+    "wd_norm_bias",
+    "clip_grad_norm",
 )
 
 
@@ -77,6 +84,7 @@ class Run:
     reported: set[str] = field(default_factory=set)
     # Shard reads of this invocation, all ranks: not checkpointed, so a resumed run reports its own.
     cache: CacheCounts = field(default_factory=CacheCounts)
+    init_note: str = ""  # issue 13: init; what --init-from loaded and adapted (announced once)
 
     @property
     def global_batch(self) -> int:

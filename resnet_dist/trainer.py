@@ -24,6 +24,7 @@ from resnet_dist.crops import eval_crop_spec, train_crop_spec, train_res
 from resnet_dist.data import ShardStream, make_loader, micro_batch
 from resnet_dist.distributed import convert_sync_batchnorm, end_run
 from resnet_dist.engine import (
+    GradClip,
     Step,
     bare,
     evaluate,
@@ -47,7 +48,8 @@ from resnet_dist.guard import (
 from resnet_dist.index import shards_at
 from resnet_dist.mix import mix_spec
 from resnet_dist.models import build_model, count_parameters
-from resnet_dist.optim import build_optimizer, build_scheduler
+from resnet_dist.optim import build_optimizer, build_scheduler, param_groups
+from resnet_dist.pretrained import backbone_eval, backbone_frozen, init_from, set_backbone_trainable
 from resnet_dist.recipes import RECIPES, scaled_lr
 from resnet_dist.run import Run, restore, save
 from resnet_dist.runlock import claim_run_folder
@@ -91,7 +93,11 @@ def check_crop_fits(cfg: TrainConfig, index, device: str) -> None:
         )
 
 
-def build(cfg: TrainConfig, index, accelerator) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(
+    cfg: TrainConfig, index, accelerator, fresh: bool = True
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, str]:
+    """(model, optimizer, the --init-from report line). A fresh run loads --init-from; a resumed one its own
+    checkpoint (run.restore), so it reads no weights here."""
     torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
     model = build_model(
         cfg.model,
@@ -102,12 +108,14 @@ def build(cfg: TrainConfig, index, accelerator) -> tuple[torch.nn.Module, torch.
         dropout=cfg.dropout,
         zero_init_residual=cfg.zero_init_residual,
     )
+    note = init_from(model, cfg.init_from, cfg.model, cfg.stem) if cfg.init_from and fresh else ""
+    set_backbone_trainable(model, not backbone_frozen(cfg, 0))  # before prepare: see sync_frozen
     if cfg.sync_bn and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model.to(accelerator.device))  # before prepare(), as DDP requires
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model.parameters())
-    return model, optimizer
+    optimizer = build_optimizer(cfg, param_groups(model, cfg))
+    return model, optimizer, note
 
 
 def scale_for_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
@@ -130,7 +138,7 @@ def setup(cfg: TrainConfig) -> Run:
     check_writable(run_dir)
     claim_run_folder(run_dir, accelerator)  # before reading its checkpoint: one run per folder
     last = find_checkpoint(run_dir / "checkpoints" / "last")  # a run folder with a checkpoint is resumed
-    model, optimizer = build(cfg, index, accelerator)
+    model, optimizer, init_note = build(cfg, index, accelerator, fresh=last is None)
     common = dict(batch_size=cfg.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes)
     cache = make_cache(shards_at(cfg.data, index), cfg.cache, cfg.cache_dir, cfg.cache_limit)
     common = common | {"strict": cfg.strict_data, "decode": cfg.decode, "cache": cache}
@@ -154,8 +162,11 @@ def setup(cfg: TrainConfig) -> Run:
     augment = make_augment(cfg, index, accelerator.device)
     guard = StepGuard(accelerator, StopRequest(), cfg.max_bad_steps)
     mix = mix_spec(cfg, index.num_classes)
-    step = Step(accelerator, model, optimizer, scheduler, augment, guard, cfg.label_smoothing, mix)
+    step = Step(
+        accelerator, model, optimizer, scheduler, augment, guard, cfg.label_smoothing, mix, GradClip(cfg.clip_grad_norm)
+    )
     run = Run(cfg, step, index, train, evals, Reporter(accelerator.is_main_process), run_dir, val_split)
+    run.init_note = init_note
     run.wandb_steps = dashboard.StepLog(run_dir, accelerator.is_main_process and cfg.wandb_mode != "disabled")
     if last is not None:
         restore(run, last)
@@ -193,6 +204,7 @@ def train_one_epoch(run: Run) -> dict:
     """Train from micro-batch `run.batch` to the end of `run.epoch` (or until --max-steps)."""
     acc, cfg = run.step.accelerator, run.cfg
     run.step.model.train()
+    sync_frozen(run)
     run.train.set_epoch(run.epoch, run.batch, train_res(cfg, run.index.image_size, run.epoch))
     loader = make_loader(run.train, cfg.num_workers, pin_memory=acc.device.type == "cuda")
     generator = torch.Generator()
@@ -247,6 +259,32 @@ def train_one_epoch(run: Run) -> dict:
     }
 
 
+def sync_frozen(run: Run) -> None:
+    """--freeze-backbone at this epoch: requires_grad of the backbone, its BatchNorm in eval mode (after the
+    epoch's model.train()), and, when frozen-ness changed (--unfreeze-epoch, or a resume past it), a new DDP
+    wrapper.
+
+    Why rebuild DDP rather than find_unused_parameters: DDP registers the parameters that require grad when
+    it is built and all-reduces those only. Built frozen, the backward pass stops at the head and only the
+    head's gradients cross the wire; the flag would instead walk the graph and all-reduce the whole backbone's
+    (zero) buckets every step. Unfreezing without a new wrapper would leave the backbone's gradients
+    unsynchronised (ranks drifting apart), so the wrapper is rebuilt once at that epoch; it broadcasts rank 0's
+    weights, which every rank already holds. A resumed run decides from its epoch alone, so it continues exactly."""
+    cfg, acc = run.cfg, run.step.accelerator
+    if not cfg.freeze_backbone:
+        return
+    frozen = backbone_frozen(cfg, run.epoch)
+    model = bare(acc, run.step.model)
+    if set_backbone_trainable(model, not frozen):
+        # without the autocast wrapper prepare_model put on the module's forward: it puts it back
+        model = acc.unwrap_model(run.step.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+        run.step = dataclasses.replace(run.step, model=acc.prepare_model(model))
+        run.step.model.train()
+        run.reporter.line(f"epoch {run.epoch + 1}: backbone {'frozen' if frozen else 'unfrozen: all layers train'}")
+    if frozen:
+        backbone_eval(model)
+
+
 def cache_fields(counts: CacheCounts) -> dict:
     """An epoch row's shard cache counts (history.json, W&B, the epoch line)."""
     return {f"cache_{key}": value for key, value in counts.as_dict().items()}
@@ -285,12 +323,15 @@ def log_train(run: Run, loss: torch.Tensor, window: Meter) -> None:
         "perf/data_wait_fraction": window.wait_fraction,
         "epoch": run.epoch + run.batch / run.train.num_batches,
     }
+    if run.step.clip.last_norm is not None:
+        metrics["train/grad_norm"] = run.step.clip.last_norm.item()  # before clipping; equal on every rank
     ranks = dashboard.rank_throughput(acc, window.rate, window.wait_fraction)  # every rank: a collective
     metrics |= dashboard.rank_metrics(ranks, "perf/", per_rank=True)
     run.wandb_steps.log(acc, metrics, run.global_step)
     report_problems(run)
+    norm = f"  grad norm {metrics['train/grad_norm']:.3g}" if "train/grad_norm" in metrics else ""
     stats = (
-        f"loss {mean_loss:.4f}  lr {lr:.4g}  {metrics['perf/img_per_s']:.0f} img/s  "
+        f"loss {mean_loss:.4f}  lr {lr:.4g}{norm}  {metrics['perf/img_per_s']:.0f} img/s  "
         f"data wait {window.wait_fraction:.0%}"
     )
     run.reporter.step(0, stats)
@@ -486,6 +527,12 @@ def announce(run: Run) -> None:
     )
     if restart_line(run):
         run.reporter.line(restart_line(run))
+    if run.init_note:
+        run.reporter.line(run.init_note)
+    if cfg.freeze_backbone:
+        k = cfg.unfreeze_epoch
+        until = "" if not k else " for epoch 1" if k == 1 else f" for epochs 1-{k}"
+        run.reporter.line(f"backbone frozen{until}: only fc trains; its BatchNorm layers stay in eval mode")
     if cfg.recipe:
         run.reporter.line(f"recipe {cfg.recipe}: {RECIPES[cfg.recipe].summary}")
     if cfg.train_crop != "pad":
