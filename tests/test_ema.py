@@ -118,3 +118,49 @@ def test_only_real_optimizer_steps_move_the_average():
     assert seen == [0, 1, 1, 1, 1, 2] and step.guard.bad_steps == 1
     assert all(torch.isfinite(v).all() for v in step.ema.state_dict().values())
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_checkpoint_holds_the_average_and_restores_it_bitwise(tmp_path):
+    """ema.safetensors in the same folder as model.safetensors, same keys; loaded back bitwise into a
+    channels_last copy, which stays channels_last (the EMA lives in the model's memory format)."""
+    from resnet_dist.checkpoint import load_weights, save_checkpoint
+
+    net = build_model("resnet18", num_classes=3, in_channels=3, stem="cifar", width=4)
+    net = net.to(memory_format=torch.channels_last)
+    ema = ModelEma(net, 0.9)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    for _ in range(3):
+        ema.step(net)
+    save_checkpoint(tmp_path / "last", net, {"ema": ema.counters()}, {}, {"ema.safetensors": ema.state_dict()})
+    saved = load_weights(tmp_path / "last", "ema.safetensors")
+    assert saved.keys() == load_weights(tmp_path / "last").keys()
+    other = ModelEma(build_model("resnet18", num_classes=3, in_channels=3, stem="cifar", width=4), 0.9)
+    other.module.to(memory_format=torch.channels_last)
+    other.load(saved, {"steps": 3, "updates": 3})
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in other.state_dict().items())
+    assert other.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert (other.steps, other.updates) == (3, 3)
+
+
+def test_a_checkpoint_without_the_average_is_refused_with_ema(tmp_path):
+    from types import SimpleNamespace
+
+    from resnet_dist.errors import UsageError
+    from resnet_dist.run import restore_ema
+
+    run = SimpleNamespace(step=SimpleNamespace(ema=ModelEma(bn_net(), 0.9)))
+    with pytest.raises(UsageError, match="was saved by a run without --ema: resume it without --ema"):
+        restore_ema(run, tmp_path, {"history": []})  # a checkpoint from before --ema existed
+    restore_ema(SimpleNamespace(step=SimpleNamespace(ema=None)), tmp_path, {})  # without --ema: nothing to do
+
+
+def test_best_by_picks_the_row_metric_and_wandb_names_both():
+    from resnet_dist.trainer import best_key, default_weights, val_metrics
+
+    assert best_key(TrainConfig(ema=0.9)) == "val_ema_top1" and default_weights(TrainConfig(ema=0.9)) == "ema"
+    assert best_key(TrainConfig(ema=0.9, best_by="raw")) == "val_top1"
+    assert best_key(TrainConfig()) == "val_top1" and default_weights(TrainConfig()) == "raw"
+    row = {"val_top1": 0.5, "val_ema_top1": 0.6, "val_ema_loss": 1.0, "train_loss": 2.0}
+    assert val_metrics(row) == {"val/top1": 0.5, "val_ema/top1": 0.6, "val_ema/loss": 1.0}
