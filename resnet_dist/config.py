@@ -172,7 +172,9 @@ class TrainConfig:
         "beside the raw ones (e.g. 0.999; 0: off)",
     )
     ema_warmup: bool = opt(
-        True, "--ema: timm's warm-up, decay min(EMA, 1 - (1 + t)^-2/3) after t optimizer steps; --no-ema-warmup: EMA"
+        True,
+        "--ema: timm's warm-up, decay min(--ema, 1 - (1 + t)^-2/3) after t optimizer steps; --no-ema-warmup: "
+        "--ema from the second step (the first copies the weights)",
     )
     ema_every: int = opt(1, "--ema: update the average every this many optimizer steps (decay raised to this power)")
     best_by: str = opt(

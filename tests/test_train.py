@@ -192,6 +192,7 @@ def check_ema_outputs(out, stdout: str, steps: int) -> None:
     rows = history(run_file(out))
     assert [r["val_ema/top1"] for r in rows if "val_ema/top1" in r] == [h["val_ema_top1"] for h in hist]
     assert summary(run_file(out))["test_top1_raw"] == s["test_top1_raw"]
+    assert summary(run_file(out))["val_ema/top1"]["max"] == max(h["val_ema_top1"] for h in hist)
 
 
 def test_resume_with_mixup_cutmix_and_trivialaugment_is_bitwise_the_uninterrupted_run(synthetic_shards, tmp_path):
