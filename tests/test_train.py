@@ -8,6 +8,8 @@ from helpers import ROOT, TRAIN, launch, ok, read_json, run_env, shard, train
 from safetensors.torch import load_file
 from wandb_log import config, history, run_file, summary
 
+from resnet_dist.errors import run_cli
+from resnet_dist.evaluate import main as evaluate_main
 from resnet_dist.hardware import cpu_has_bf16
 
 pytestmark = pytest.mark.slow
@@ -141,7 +143,7 @@ def test_resume_mid_epoch_continues_and_matches_uninterrupted(synthetic_shards, 
     total = 2 * (540 // 64)
     full = ok(train(*args, "--out", str(tmp_path / "full")))
     assert logged_steps(full.stdout) == list(range(1, total + 1))
-    check_ema_outputs(tmp_path / "full", full.stdout, total)
+    check_ema_outputs(tmp_path / "full", full.stdout, total, synthetic_shards)
     ok(train(*args, "--out", str(tmp_path / "cut"), "--max-steps", "5"))  # stops mid-epoch 1
     assert read_json(tmp_path / "cut" / "summary.json")["steps_done"] == 5
     other = train(*args, "--seed", "7", "--out", str(tmp_path / "cut"))  # other settings: never mixed in
@@ -168,7 +170,7 @@ def test_resume_mid_epoch_continues_and_matches_uninterrupted(synthetic_shards, 
     assert read_json(tmp_path / "cut" / "checkpoints" / "last" / "meta.json")["ema"] == {"decay": 0.9, "updates": total}
 
 
-def check_ema_outputs(out, stdout: str, steps: int) -> None:
+def check_ema_outputs(out, stdout: str, steps: int, data) -> None:
     """A finished --ema run: the average beside the weights in every checkpoint, evaluated each epoch,
     choosing `best` (--best-by's default with --ema), and the test numbers of both, the EMA's first."""
     for name in ("last", "best"):
@@ -193,6 +195,18 @@ def check_ema_outputs(out, stdout: str, steps: int) -> None:
     assert [r["val_ema/top1"] for r in rows if "val_ema/top1" in r] == [h["val_ema_top1"] for h in hist]
     assert summary(run_file(out))["test_top1_raw"] == s["test_top1_raw"]
     assert summary(run_file(out))["val_ema/top1"]["max"] == max(h["val_ema_top1"] for h in hist)
+    # `evaluate` (helper ship's loader) reads the files this run wrote: the same test top-1 for each set of
+    # weights, to one sample of 120 (this run evaluated in bf16 on 2 processes, evaluate runs 1 process)
+    for weights, key in (("auto", "test_top1_ema"), ("raw", "test_top1_raw")):
+        evaluated = out / f"eval-{weights}"
+        argv = ["--checkpoint", str(out / "checkpoints" / "last"), "--split", "test", "--weights", weights]
+        argv += ["--data", str(data)]
+        with pytest.raises(SystemExit) as done:
+            run_cli(evaluate_main, [*argv, "--out", str(evaluated)])
+        assert done.value.code == 0
+        result = read_json(evaluated / "eval.json")
+        assert result["weights"] == ("ema" if weights == "auto" else "raw")
+        assert abs(result["top1"] - s[key]) <= 1 / 120 + 1e-9, (weights, result["top1"], s[key])
 
 
 def test_resume_with_mixup_cutmix_and_trivialaugment_is_bitwise_the_uninterrupted_run(synthetic_shards, tmp_path):
