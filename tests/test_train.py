@@ -215,6 +215,7 @@ def test_resume_with_mixup_cutmix_and_trivialaugment_is_bitwise_the_uninterrupte
     args = ["--data", str(synthetic_shards), "--epochs", "1", "--grad-accum", "2", *TINY[:-4]]
     args += ["--num-workers", "2", "--shuffle-block", "48", "--log-every", "1", "--wandb-mode", "disabled"]
     args += ["--mixup", "0.2", "--cutmix", "1.0", "--augment", "trivialaugment", "--label-smoothing", "0.1"]
+    args += ["--ema", "0.99"]  # and the weight EMA (issue 13: "an exact-resume test with EMA and mixup on")
     total = 540 // 64
     full = ok(train(*args, "--out", str(tmp_path / "full")))
     assert "top-1 vs major label" in full.stdout  # train top-1 says what it counts
@@ -224,6 +225,9 @@ def test_resume_with_mixup_cutmix_and_trivialaugment_is_bitwise_the_uninterrupte
     assert "optimizer step 3" in resumed.stdout and logged_steps(resumed.stdout) == list(range(4, total + 1))
     a = load_file(tmp_path / "full" / "checkpoints" / "last" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "checkpoints" / "last" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = load_file(tmp_path / "full" / "checkpoints" / "last" / "ema.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "last" / "ema.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
