@@ -78,7 +78,8 @@ def timm_module(relative: str):
 
 def test_matches_timm_model_ema_v3_with_warmup():
     timm_ema = timm_module("utils/model_ema.py")
-    net = build_model("resnet18", num_classes=3, in_channels=3, stem="cifar", width=4)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(bn_net(), torch.nn.Linear(4 * 6 * 6, 3), torch.nn.BatchNorm1d(3))
     ours = ModelEma(net, decay=0.99)
     theirs = timm_ema.ModelEmaV3(net, decay=0.99, use_warmup=True)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
