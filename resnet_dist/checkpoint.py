@@ -2,11 +2,10 @@
 
 Layout of one checkpoint folder (checkpoints/last, checkpoints/best):
   model.safetensors   weights of the unwrapped model (loadable without this project)
+  ema.safetensors     with --ema: the averaged weights, under the same keys (BatchNorm buffers included)
   state.pt            optimizer, scheduler, grad-scaler state and counters: tensors and plain
                       containers only, read back with torch.load(weights_only=True)
   meta.json           epoch, step, metrics: human-readable
-  ema.safetensors     (with --ema) the EMA of the weights, same keys as model.safetensors
-
 
 A checkpoint is first written to a temporary sibling folder, fsynced, then renamed into place; the
 previous one is moved aside first and deleted last, so a kill at any moment leaves one complete
@@ -41,14 +40,20 @@ def _write_file(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(folder: Path, model: torch.nn.Module, state: dict, meta: dict) -> None:
-    """Atomically replace `folder` with a checkpoint of `model` (unwrapped) and training `state`."""
+def save_checkpoint(
+    folder: Path, model: torch.nn.Module, state: dict, meta: dict, extra: dict[str, dict] | None = None
+) -> None:
+    """Atomically replace `folder` with a checkpoint of `model` (unwrapped) and training `state`; `extra`
+    maps more safetensors file names to state dicts written in the same folder (ema.safetensors)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         _write_file(tmp / "model.safetensors", lambda p: save_file(weights, str(p)))
+        for name, tensors in (extra or {}).items():
+            tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            _write_file(tmp / name, lambda p, t=tensors: save_file(t, str(p)))
         _write_file(tmp / "state.pt", lambda p: torch.save(state, p))
         _write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
         fsync_dir(tmp)

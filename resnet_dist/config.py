@@ -165,6 +165,21 @@ class TrainConfig:
         True, "weight decay on BatchNorm weights and biases and on all biases too (--no-wd-norm-bias: none there)"
     )
     clip_grad_norm: float = opt(0.0, "clip the global gradient norm to this before each optimizer step (0: off)")
+    # issue 13: ema
+    ema: float = opt(
+        0.0,
+        "decay of an exponential moving average of the weights and BatchNorm buffers, evaluated and saved "
+        "beside the raw ones (e.g. 0.999; 0: off)",
+    )
+    ema_warmup: bool = opt(
+        True,
+        "--ema: timm's warm-up, decay min(--ema, 1 - (1 + t)^-2/3) after t optimizer steps; --no-ema-warmup: "
+        "--ema from the second step (the first copies the weights)",
+    )
+    ema_every: int = opt(1, "--ema: update the average every this many optimizer steps (decay raised to this power)")
+    best_by: str = opt(
+        "auto", "which val top-1 picks checkpoints/best; auto: ema with --ema, else raw", ("auto", "ema", "raw")
+    )
     # run control
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs); for smoke runs")
     seed: int = opt(0, "seed for init, data order and augmentation")
@@ -263,6 +278,9 @@ def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
         (cfg.collective_timeout > 0, f"--collective-timeout must be positive (got {cfg.collective_timeout})"),
         (not (cfg.nesterov and cfg.optimizer != "sgd"), "--nesterov applies to --optimizer sgd only"),
         (not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0"),
+        (0 <= cfg.ema < 1, f"--ema must be in [0, 1): 0 turns it off, e.g. 0.999 (got {cfg.ema})"),
+        (cfg.ema_every > 0, f"--ema-every must be positive (got {cfg.ema_every})"),
+        (cfg.best_by != "ema" or cfg.ema > 0, "--best-by ema needs --ema DECAY"),
         (cfg.tuned_global_batch >= 0, f"--tuned-global-batch must be >= 0 (got {cfg.tuned_global_batch})"),
         (
             not (cfg.scale_lr == "linear" and not cfg.tuned_global_batch),

@@ -32,7 +32,7 @@ from resnet_dist.storage import is_remote
 
 PACKAGES = ("torch", "torchvision", "accelerate", "wandb", "resnet-dist")
 # Metrics logged once per epoch, plotted against `epoch` rather than the optimizer step.
-EPOCH_METRICS = ("val/*", "train/epoch_loss", "train/top1", "perf/epoch_*", "data/cache_*")
+EPOCH_METRICS = ("val/*", "val_ema/*", "train/epoch_loss", "train/top1", "perf/epoch_*", "data/cache_*")
 WORST = 16  # most confidently wrong test images in the table: enough to see a pattern, cheap to read back
 # wandb.plot.confusion_matrix makes a table row per (true, predicted) pair: 100 classes make 10,000 rows,
 # wandb.Table.MAX_ROWS, beyond which W&B truncates a table (warning, not error): a wrong matrix, so none.
@@ -45,6 +45,7 @@ def define_metrics(wandb_run) -> None:
     for name in EPOCH_METRICS:
         wandb_run.define_metric(name, step_metric="epoch")
     wandb_run.define_metric("val/top1", step_metric="epoch", summary="max")
+    wandb_run.define_metric("val_ema/top1", step_metric="epoch", summary="max")  # --ema: the average's
 
 
 def rank_throughput(accelerator, images_per_s: float, data_wait: float) -> dict:

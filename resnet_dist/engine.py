@@ -22,6 +22,7 @@ from resnet_dist.cache import CacheCounts
 from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream, make_loader
 from resnet_dist.distributed import accelerate_backend, await_peers, check_world_size, join_attempt_group
+from resnet_dist.ema import ModelEma
 from resnet_dist.errors import UsageError
 from resnet_dist.gpu_decode import batch_to_device
 from resnet_dist.guard import StepGuard
@@ -56,6 +57,7 @@ class Step:
     label_smoothing: float
     mix: MixSpec | None = None  # issue 13: mix (--mixup/--cutmix)
     clip: GradClip = field(default_factory=GradClip)  # issue 13: init
+    ema: ModelEma | None = None  # issue 13: ema (--ema), moved after each real optimizer step
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -129,6 +131,7 @@ def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, generator
             step.optimizer.step()
             if not acc.optimizer_step_was_skipped:
                 step.scheduler.step()
+                update_ema(step)
         step.optimizer.zero_grad(set_to_none=True)
     # Train top-1 under mixing counts a hit on the label of larger weight (README: Mixup and CutMix).
     return loss.detach(), (logits.argmax(1) == major).sum()
@@ -139,6 +142,13 @@ def mix(step: Step, x: torch.Tensor, labels: torch.Tensor, generator: torch.Gene
     elementwise passes, which torch's default threads slow down on a loaded machine (augment.intra_op_threads)."""
     with intra_op_threads(x.device, step.augment.cpu_threads):
         return mix_batch(x, labels, step.mix, generator)
+
+
+def update_ema(step: Step) -> None:
+    """After a real optimizer step only: not on accumulation micro-batches, not on a step the NaN guard or
+    the grad scaler skipped (the weights did not move, so the average must not either)."""
+    if step.ema is not None:
+        step.ema.step(bare(step.accelerator, step.model))
 
 
 def eval_scores(model: torch.nn.Module, images: torch.Tensor, augment: BatchAugment, tta_flip: bool) -> torch.Tensor:

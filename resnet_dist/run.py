@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resnet_dist.cache import CacheCounts
-from resnet_dist.checkpoint import load_checkpoint, save_checkpoint
+from resnet_dist.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from resnet_dist.config import TrainConfig
 from resnet_dist.data import ShardStream
 from resnet_dist.engine import Step, bare
@@ -57,6 +57,10 @@ RESUME_MUST_MATCH = (
     "backbone_lr_mult",
     "wd_norm_bias",
     "clip_grad_norm",
+    "ema",  # issue 13: the average's decay, warm-up and period, and which val top-1 picks `best`
+    "ema_warmup",
+    "ema_every",
+    "best_by",
 )
 
 
@@ -107,6 +111,7 @@ def save(run: Run, name: str, metrics: dict | None = None) -> None:
             "global_step": run.global_step,
             "best_val": run.best_val,
             "history": run.history,
+            "ema": step.ema.counters() if step.ema else None,
         }
         meta = {
             "epoch": run.epoch,
@@ -122,10 +127,12 @@ def save(run: Run, name: str, metrics: dict | None = None) -> None:
             # predict and export prepare images without the shards: the run's input, from here
             "image_size": list(run.index.image_size) if run.index.image_size else None,
             "channels": run.index.channels,
+            "ema": {"decay": step.ema.decay, "updates": step.ema.updates} if step.ema else None,
         }
         folder = run.run_dir / "checkpoints" / name
         try:
-            save_checkpoint(folder, bare(acc, step.model), state, meta)
+            extra = {"ema.safetensors": step.ema.state_dict()} if step.ema else None
+            save_checkpoint(folder, bare(acc, step.model), state, meta, extra)
         except OSError as exc:
             raise TrainingError(
                 f"cannot write checkpoint {folder}: {exc.strerror or exc}; the previous checkpoint is intact"
@@ -151,6 +158,7 @@ def restore(run: Run, folder: Path) -> None:
     old = (saved.get("batch_size", run.cfg.batch_size), meta.get("world_size", acc.num_processes), old_accum)
     check_global_batch(run, old)
     bare(acc, step.model).load_state_dict(weights)
+    restore_ema(run, folder, state)
     step.optimizer.load_state_dict(state["optimizer"])
     fresh = copy.deepcopy(step.scheduler.state_dict())  # its step count and phases: this launch's global batch
     step.scheduler.load_state_dict(state["scheduler"])
@@ -165,6 +173,20 @@ def restore(run: Run, folder: Path) -> None:
     run.reporter.line(
         f"resumed from {folder}: epoch {run.epoch + 1}, micro-batch {run.batch}, optimizer step {run.global_step}"
     )
+
+
+def restore_ema(run: Run, folder: Path, state: dict) -> None:
+    """The average as saved, bitwise. A checkpoint without one is refused with --ema rather than starting
+    the average mid-run: the resumed run would silently differ from the uninterrupted one it continues."""
+    ema = run.step.ema
+    if ema is None:
+        return
+    if state.get("ema") is None:
+        raise UsageError(
+            f"{folder} was saved by a run without --ema: resume it without --ema, or start a new run "
+            f"(another --out) with it"
+        )
+    ema.load(load_weights(folder, "ema.safetensors"), state["ema"])
 
 
 def describe(batch: int, world: int, accum: int) -> str:

@@ -23,6 +23,7 @@ from resnet_dist.config import TrainConfig, parse_args
 from resnet_dist.crops import eval_crop_spec, train_crop_spec, train_res
 from resnet_dist.data import ShardStream, make_loader, micro_batch
 from resnet_dist.distributed import convert_sync_batchnorm, end_run
+from resnet_dist.ema import make_ema
 from resnet_dist.engine import (
     GradClip,
     Step,
@@ -162,8 +163,18 @@ def setup(cfg: TrainConfig) -> Run:
     augment = make_augment(cfg, index, accelerator.device)
     guard = StepGuard(accelerator, StopRequest(), cfg.max_bad_steps)
     mix = mix_spec(cfg, index.num_classes)
+    ema = make_ema(cfg, bare(accelerator, model))  # after prepare: on the device, in the model's memory format
     step = Step(
-        accelerator, model, optimizer, scheduler, augment, guard, cfg.label_smoothing, mix, GradClip(cfg.clip_grad_norm)
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        augment,
+        guard,
+        cfg.label_smoothing,
+        mix,
+        GradClip(cfg.clip_grad_norm),
+        ema=ema,
     )
     run = Run(cfg, step, index, train, evals, Reporter(accelerator.is_main_process), run_dir, val_split)
     run.init_note = init_note
@@ -349,10 +360,12 @@ def report_problems(run: Run) -> None:
         run.reporter.line(f"warning: {problem}")
 
 
-def evaluate_split(run: Run, split: str, worst: int = 0) -> dict:
+def evaluate_split(run: Run, split: str, worst: int = 0, model: torch.nn.Module | None = None) -> dict:
+    """`split` on the training weights, or on `model` (the EMA's); evaluate() gives every rank rank 0's
+    BatchNorm buffers first, so all ranks evaluate the same (rank 0's, the checkpointed) average."""
     return evaluate(
         run.step.accelerator,
-        run.step.model,
+        run.step.model if model is None else model,
         run.evals[split],
         run.step.augment,
         run.cfg.num_workers,
@@ -388,6 +401,7 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
         run.problems += val["problems"]
         run.cache += val["cache"]
         row.update(cache_fields(row_counts(row) + val["cache"]))
+        row.update(evaluate_ema(run))
     report_problems(run)
     row["time"] = time.time()  # when the epoch's numbers were known: accuracy-vs-wall-time curves
     if run.history and run.history[-1]["epoch"] == row["epoch"]:
@@ -395,7 +409,7 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
     run.history.append(row)
     run.wandb_steps.log(
         run.step.accelerator,
-        {f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")}
+        val_metrics(row)
         | {
             "train/epoch_loss": row["train_loss"],
             "train/top1": row["train_top1"],
@@ -407,11 +421,44 @@ def end_epoch(run: Run, train_metrics: dict) -> tuple[dict, bool]:
         | dashboard.rank_metrics(row, "perf/epoch_", per_rank=False),
         step=run.global_step,
     )
-    improved = "val_top1" in row and row["val_top1"] > run.best_val
+    key = best_key(run.cfg)
+    improved = key in row and row[key] > run.best_val
     if improved:
-        run.best_val = row["val_top1"]
+        run.best_val = row[key]
     run.reporter.line(epoch_line(row, run.val_split, run.train.cache is not None, run.step.mix is not None))
     return row, improved
+
+
+def evaluate_ema(run: Run) -> dict:
+    """With --ema, the average's val metrics for the epoch row (val_ema_*); its data problems and shard
+    reads are the raw evaluation's again, so only its cache counts are added."""
+    ema = run.step.ema
+    if ema is None:
+        return {}
+    val = evaluate_split(run, run.val_split, model=ema.module)
+    run.cache += val["cache"]
+    return {f"val_ema_{k}": val[k] for k in ("loss", "top1", "top5")}
+
+
+def best_key(cfg: TrainConfig) -> str:
+    """The epoch row's metric that picks checkpoints/best (--best-by; auto: the EMA's when there is one)."""
+    return "val_ema_top1" if cfg.ema and cfg.best_by != "raw" else "val_top1"
+
+
+def default_weights(cfg: TrainConfig) -> str:
+    """The weights a run's numbers are for by default, as evaluate/predict/export load them: the EMA if any."""
+    return "ema" if cfg.ema else "raw"
+
+
+def val_metrics(row: dict) -> dict:
+    """An epoch row's val numbers for W&B: val_top1 -> val/top1, val_ema_top1 -> val_ema/top1."""
+    out = {}
+    for k, v in row.items():
+        if k.startswith("val_ema_"):
+            out[f"val_ema/{k[8:]}"] = v
+        elif k.startswith("val_"):
+            out[f"val/{k[4:]}"] = v
+    return out
 
 
 def epoch_line(row: dict, split: str | None, remote: bool = False, mixed: bool = False) -> str:
@@ -428,6 +475,8 @@ def epoch_line(row: dict, split: str | None, remote: bool = False, mixed: bool =
         if "val_top1" in row
         else ""
     )
+    if "val_ema_top1" in row:
+        val += f"  EMA loss {row['val_ema_loss']:.4f} top-1 {row['val_ema_top1']:.2%} top-5 {row['val_ema_top5']:.2%}"
     return (
         f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} {'top-1 vs major label' if mixed else 'top-1'} "
         f"{row['train_top1']:.2%}{val}  "
@@ -588,7 +637,9 @@ def finish(run: Run, wall: float) -> dict:
         "epochs_done": run.epoch,
         "steps_done": run.global_step,
         "best_val_top1": run.best_val if run.best_val >= 0 else None,
+        "best_by": "ema" if best_key(run.cfg) == "val_ema_top1" else "raw",
         "final_val_top1": last.get("val_top1"),
+        "final_val_top1_ema": last.get("val_ema_top1"),
         "val_split": run.val_split,
         "train_img_per_s": last.get("img_per_s"),
         "wall_seconds": round(wall, 1),
@@ -601,16 +652,7 @@ def finish(run: Run, wall: float) -> dict:
     if "val_count" in last:
         summary["eval_counts"][run.val_split] = last["val_count"]
         summary["lost_eval_samples"][run.val_split] = last.get("val_lost", 0)
-    if "test" in run.evals:
-        worst = dashboard.WORST if run.cfg.wandb_mode != "disabled" else 0
-        test = final_test_from_history(run, last) or evaluate_split(run, "test", worst)
-        summary.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
-        summary["eval_counts"]["test"] = test["count"]
-        summary["lost_eval_samples"]["test"] = test["lost"]
-        run.cache += test.get("cache", CacheCounts())  # none when the last epoch's test result is reused
-        run.problems += test["problems"]
-        report_problems(run)
-        summary["data_problems"] = sorted(run.reported)
+    test = add_test_results(run, summary, last) if "test" in run.evals else None
     summary["data_wait"], summary["diagnosis"] = diagnose(run.history, run.cfg.num_workers)
     summary["cache"] = run.cache.as_dict() | {"dir": cache_dir(run.train.cache)}
     if acc.is_main_process:
@@ -618,7 +660,7 @@ def finish(run: Run, wall: float) -> dict:
             wandb_run = acc.get_tracker("wandb", unwrap=True)
             wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             wandb_run.summary.update({f"cache/{k}": v for k, v in summary["cache"].items() if k != "dir"})
-            end_dashboard(run, wandb_run, test if "test" in run.evals else None)
+            end_dashboard(run, wandb_run, test)
             if run.cfg.wandb_mode == "offline":
                 run.reporter.line(f"W&B offline run: upload it with `wandb sync {Path(wandb_run.dir).parent}`")
         write_json_atomic(run.run_dir / "summary.json", summary)
@@ -631,12 +673,51 @@ def finish(run: Run, wall: float) -> dict:
         if summary["diagnosis"]:
             run.reporter.line(summary["diagnosis"])
         if "test_top1" in summary:
-            tta = " with flip TTA" if run.cfg.eval_tta == "flip" else ""
-            run.reporter.line(
-                f"test top-1 {summary['test_top1']:.2%}{tta} on {summary['eval_counts']['test']:,} images; "
-                f"run folder {run.run_dir}"
-            )
+            run.reporter.line(test_line(summary, run.cfg.eval_tta, run.run_dir))
     return summary
+
+
+def add_test_results(run: Run, summary: dict, last: dict) -> dict:
+    """The final test into `summary`: test_top1/5 and test_loss are the default weights' (the EMA with
+    --ema, as evaluate/predict/export load them), plus test_top1_raw and test_top1_ema with --ema.
+    Returns the default weights' result (with its analysis for W&B)."""
+    tests = final_tests(run, last)
+    test = tests[default_weights(run.cfg)]
+    summary.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
+    summary["test_weights"] = default_weights(run.cfg)
+    if "ema" in tests:
+        summary.update(test_top1_raw=tests["raw"]["top1"], test_top1_ema=tests["ema"]["top1"])
+    summary["eval_counts"]["test"] = test["count"]
+    summary["lost_eval_samples"]["test"] = test["lost"]
+    for result in tests.values():
+        run.cache += result.get("cache", CacheCounts())  # none when the last epoch's test result is reused
+        run.problems += result["problems"]
+    report_problems(run)
+    summary["data_problems"] = sorted(run.reported)
+    return test
+
+
+def final_tests(run: Run, last: dict) -> dict[str, dict]:
+    """The test split's metrics per set of weights, {"raw": ...} and with --ema {"ema": ...}; the W&B
+    analysis of the most confidently wrong images (`worst`) is made for the default weights only."""
+    worst = dashboard.WORST if run.cfg.wandb_mode != "disabled" else 0
+    default = default_weights(run.cfg)
+    tests = {"raw": final_test_from_history(run, last) or evaluate_split(run, "test", worst * (default == "raw"))}
+    if run.step.ema is not None:
+        ema = run.step.ema.module
+        tests["ema"] = final_test_from_history(run, last, "val_ema_") or evaluate_split(run, "test", worst, ema)
+    return tests
+
+
+def test_line(summary: dict, tta: str, run_dir: Path) -> str:
+    """The run's last line: test top-1 of the default weights, saying which they are."""
+    flip = " with flip TTA" if tta == "flip" else ""
+    which = "EMA weights" if summary["test_weights"] == "ema" else "raw weights"
+    raw = f"; raw weights {summary['test_top1_raw']:.2%}" if "test_top1_raw" in summary else ""
+    return (
+        f"test top-1 {summary['test_top1']:.2%} ({which}){flip} on {summary['eval_counts']['test']:,} "
+        f"images{raw}; run folder {run_dir}"
+    )
 
 
 def end_dashboard(run: Run, wandb_run, test: dict | None) -> None:
@@ -647,14 +728,15 @@ def end_dashboard(run: Run, wandb_run, test: dict | None) -> None:
     dashboard.log_checkpoints(wandb_run, run.run_dir, run.wandb_id)
 
 
-def final_test_from_history(run: Run, last: dict) -> dict | None:
-    """Without a val split, the last epoch was already evaluated on test with the final weights."""
-    if run.val_split != "test" or "val_top1" not in last:
+def final_test_from_history(run: Run, last: dict, prefix: str = "val_") -> dict | None:
+    """Without a val split, the last epoch was already evaluated on test with the final weights (prefix
+    val_ema_: the EMA's)."""
+    if run.val_split != "test" or f"{prefix}top1" not in last:
         return None
     return {
-        "top1": last["val_top1"],
-        "top5": last["val_top5"],
-        "loss": last["val_loss"],
+        "top1": last[f"{prefix}top1"],
+        "top5": last[f"{prefix}top5"],
+        "loss": last[f"{prefix}loss"],
         "count": last["val_count"],
         "lost": last["val_lost"],
         "problems": [],

@@ -43,6 +43,10 @@ BAD = [
         ["--data", "x", "--out", "y", "--augment", "trivialaugment", "--train-crop", "rrc", "--decode", "gpu"],
         "--augment needs --decode cpu",
     ),
+    # issue 13: ema
+    (["--data", "x", "--out", "y", "--ema", "1"], "--ema must be in [0, 1)"),
+    (["--data", "x", "--out", "y", "--ema", "0.9", "--ema-every", "0"], "--ema-every must be positive"),
+    (["--data", "x", "--out", "y", "--best-by", "ema"], "--best-by ema needs --ema DECAY"),
 ]
 
 

@@ -8,6 +8,8 @@ from helpers import ROOT, TRAIN, launch, ok, read_json, run_env, shard, train
 from safetensors.torch import load_file
 from wandb_log import config, history, run_file, summary
 
+from resnet_dist.errors import run_cli
+from resnet_dist.evaluate import main as evaluate_main
 from resnet_dist.hardware import cpu_has_bf16
 
 pytestmark = pytest.mark.slow
@@ -134,12 +136,14 @@ def logged_steps(stdout: str) -> list[int]:
 
 def test_resume_mid_epoch_continues_and_matches_uninterrupted(synthetic_shards, tmp_path):
     # 2 workers and a 48-sample shuffle block: at the cut each worker has read 80 of its 128 samples, so
-    # the resume starts inside its second block (the block arithmetic of a resumed worker is exercised)
+    # the resume starts inside its second block (the block arithmetic of a resumed worker is exercised).
+    # --ema on: the average resumes exactly too (issue 13); its files and numbers are checked on the way.
     args = ["--data", str(synthetic_shards), "--epochs", "2", "--grad-accum", "2", *TINY[:-4]]
-    args += ["--num-workers", "2", "--shuffle-block", "48", "--log-every", "1"]
+    args += ["--num-workers", "2", "--shuffle-block", "48", "--log-every", "1", "--ema", "0.9"]
     total = 2 * (540 // 64)
     full = ok(train(*args, "--out", str(tmp_path / "full")))
     assert logged_steps(full.stdout) == list(range(1, total + 1))
+    check_ema_outputs(tmp_path / "full", full.stdout, total, synthetic_shards)
     ok(train(*args, "--out", str(tmp_path / "cut"), "--max-steps", "5"))  # stops mid-epoch 1
     assert read_json(tmp_path / "cut" / "summary.json")["steps_done"] == 5
     other = train(*args, "--seed", "7", "--out", str(tmp_path / "cut"))  # other settings: never mixed in
@@ -160,6 +164,49 @@ def test_resume_mid_epoch_continues_and_matches_uninterrupted(synthetic_shards, 
     a = load_file(tmp_path / "full" / "checkpoints" / "last" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "checkpoints" / "last" / "model.safetensors")
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-6
+    a = load_file(tmp_path / "full" / "checkpoints" / "last" / "ema.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "last" / "ema.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # the average: bitwise
+    assert read_json(tmp_path / "cut" / "checkpoints" / "last" / "meta.json")["ema"] == {"decay": 0.9, "updates": total}
+
+
+def check_ema_outputs(out, stdout: str, steps: int, data) -> None:
+    """A finished --ema run: the average beside the weights in every checkpoint, evaluated each epoch,
+    choosing `best` (--best-by's default with --ema), and the test numbers of both, the EMA's first."""
+    for name in ("last", "best"):
+        raw = load_file(out / "checkpoints" / name / "model.safetensors")
+        ema = load_file(out / "checkpoints" / name / "ema.safetensors")
+        assert ema.keys() == raw.keys() and "layer1.0.bn1.running_var" in ema  # BatchNorm buffers included
+        assert not torch.equal(ema["fc.weight"], raw["fc.weight"])
+        assert not torch.equal(ema["bn1.running_mean"], raw["bn1.running_mean"])  # buffers averaged
+        assert torch.equal(ema["bn1.num_batches_tracked"], raw["bn1.num_batches_tracked"])  # a count: copied
+    meta = read_json(out / "checkpoints" / "last" / "meta.json")
+    assert meta["ema"] == {"decay": 0.9, "updates": steps}  # one per optimizer step, none per micro-batch
+    hist, s = read_json(out / "history.json"), read_json(out / "summary.json")
+    best = max(hist, key=lambda h: h["val_ema_top1"])  # the first of equals: `best` is replaced on a rise only
+    assert read_json(out / "checkpoints" / "best" / "meta.json")["epoch"] == best["epoch"]
+    assert s["best_by"] == "ema" and s["best_val_top1"] == best["val_ema_top1"]
+    assert s["final_val_top1"] == hist[-1]["val_top1"] and s["final_val_top1_ema"] == hist[-1]["val_ema_top1"]
+    assert s["test_weights"] == "ema" and s["test_top1"] == s["test_top1_ema"] and 0 <= s["test_top1_raw"] <= 1
+    line = f"test top-1 {s['test_top1']:.2%} (EMA weights) on 120 images; raw weights {s['test_top1_raw']:.2%}"
+    assert line in stdout
+    assert re.search(r"^epoch 1: .* val loss .* EMA loss [0-9.]+ top-1 [0-9.]+%", stdout, re.MULTILINE)
+    rows = history(run_file(out))
+    assert [r["val_ema/top1"] for r in rows if "val_ema/top1" in r] == [h["val_ema_top1"] for h in hist]
+    assert summary(run_file(out))["test_top1_raw"] == s["test_top1_raw"]
+    assert summary(run_file(out))["val_ema/top1"]["max"] == max(h["val_ema_top1"] for h in hist)
+    # `evaluate` (helper ship's loader) reads the files this run wrote: the same test top-1 for each set of
+    # weights, to one sample of 120 (this run evaluated in bf16 on 2 processes, evaluate runs 1 process)
+    for weights, key in (("auto", "test_top1_ema"), ("raw", "test_top1_raw")):
+        evaluated = out / f"eval-{weights}"
+        argv = ["--checkpoint", str(out / "checkpoints" / "last"), "--split", "test", "--weights", weights]
+        argv += ["--data", str(data)]
+        with pytest.raises(SystemExit) as done:
+            run_cli(evaluate_main, [*argv, "--out", str(evaluated)])
+        assert done.value.code == 0
+        result = read_json(evaluated / "eval.json")
+        assert result["weights"] == ("ema" if weights == "auto" else "raw")
+        assert abs(result["top1"] - s[key]) <= 1 / 120 + 1e-9, (weights, result["top1"], s[key])
 
 
 def test_resume_with_mixup_cutmix_and_trivialaugment_is_bitwise_the_uninterrupted_run(synthetic_shards, tmp_path):
@@ -168,6 +215,7 @@ def test_resume_with_mixup_cutmix_and_trivialaugment_is_bitwise_the_uninterrupte
     args = ["--data", str(synthetic_shards), "--epochs", "1", "--grad-accum", "2", *TINY[:-4]]
     args += ["--num-workers", "2", "--shuffle-block", "48", "--log-every", "1", "--wandb-mode", "disabled"]
     args += ["--mixup", "0.2", "--cutmix", "1.0", "--augment", "trivialaugment", "--label-smoothing", "0.1"]
+    args += ["--ema", "0.99"]  # and the weight EMA (issue 13: "an exact-resume test with EMA and mixup on")
     total = 540 // 64
     full = ok(train(*args, "--out", str(tmp_path / "full")))
     assert "top-1 vs major label" in full.stdout  # train top-1 says what it counts
@@ -177,6 +225,9 @@ def test_resume_with_mixup_cutmix_and_trivialaugment_is_bitwise_the_uninterrupte
     assert "optimizer step 3" in resumed.stdout and logged_steps(resumed.stdout) == list(range(4, total + 1))
     a = load_file(tmp_path / "full" / "checkpoints" / "last" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "checkpoints" / "last" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = load_file(tmp_path / "full" / "checkpoints" / "last" / "ema.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "last" / "ema.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
