@@ -278,15 +278,29 @@ def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
         (cfg.collective_timeout > 0, f"--collective-timeout must be positive (got {cfg.collective_timeout})"),
         (not (cfg.nesterov and cfg.optimizer != "sgd"), "--nesterov applies to --optimizer sgd only"),
         (not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0"),
-        (0 <= cfg.ema < 1, f"--ema must be in [0, 1): 0 turns it off, e.g. 0.999 (got {cfg.ema})"),
-        (cfg.ema_every > 0, f"--ema-every must be positive (got {cfg.ema_every})"),
-        (cfg.best_by != "ema" or cfg.ema > 0, "--best-by ema needs --ema DECAY"),
         (cfg.tuned_global_batch >= 0, f"--tuned-global-batch must be >= 0 (got {cfg.tuned_global_batch})"),
         (
             not (cfg.scale_lr == "linear" and not cfg.tuned_global_batch),
             "--scale-lr linear needs the batch the lr was tuned for: a --recipe, or --tuned-global-batch N",
         ),
-        # issue 13: mix
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    check_regularisers(cfg)
+    check_finetune(cfg, paths)
+    check_places(cfg)
+    check_crop_options(cfg)
+    check_limit(cfg.cache_limit)
+    return cfg
+
+
+def check_regularisers(cfg: TrainConfig) -> None:
+    """--ema, mixup/cutmix and the auto-augmentations (issue 13)."""
+    checks = [
+        (0 <= cfg.ema < 1, f"--ema must be in [0, 1): 0 turns it off, e.g. 0.999 (got {cfg.ema})"),
+        (cfg.ema_every > 0, f"--ema-every must be positive (got {cfg.ema_every})"),
+        (cfg.best_by != "ema" or cfg.ema > 0, "--best-by ema needs --ema DECAY"),
         (cfg.mixup >= 0, f"--mixup must be >= 0 (got {cfg.mixup})"),
         (cfg.cutmix >= 0, f"--cutmix must be >= 0 (got {cfg.cutmix})"),
         (0 <= cfg.mix_prob <= 1, f"--mix-prob must be in [0, 1] (got {cfg.mix_prob})"),
@@ -301,11 +315,6 @@ def validate(cfg: TrainConfig, paths: bool = True) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    check_finetune(cfg, paths)
-    check_places(cfg)
-    check_crop_options(cfg)
-    check_limit(cfg.cache_limit)
-    return cfg
 
 
 def check_finetune(cfg: TrainConfig, paths: bool) -> None:
