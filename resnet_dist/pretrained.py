@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from resnet_dist.checkpoint import find_checkpoint, load_weights
+from resnet_dist.checkpoint import find_checkpoint, load_inference_weights
 from resnet_dist.errors import DataError, UsageError
 from resnet_dist.locations import check_location, scheme_of
 
@@ -108,7 +108,8 @@ def read_state_dict(spec: str, model: str) -> dict[str, torch.Tensor]:
         return clean(decode(read_bytes(folder, name), name, spec), spec)
     path = Path(spec.removeprefix("file://"))
     if path.is_dir():
-        return clean(load_weights(checkpoint_folder(path, spec)), spec)
+        # As evaluate, predict and export: a run trained with --ema is continued from its EMA weights.
+        return clean(load_inference_weights(checkpoint_folder(path, spec))[0], spec)
     try:
         data = path.read_bytes()
     except OSError as exc:

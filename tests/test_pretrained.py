@@ -311,3 +311,18 @@ def test_resume_across_the_unfreeze_epoch_matches_the_uninterrupted_run(syntheti
     assert all(torch.equal(a[k], b[k]) for k in a)
     first = load_file(tmp_path / "w.safetensors")
     assert not torch.equal(a["layer1.0.conv1.weight"], first["layer1.0.conv1.weight"])  # unfrozen in epoch 2
+
+
+def test_a_run_folder_trained_with_ema_is_continued_from_its_ema_weights(tmp_path):
+    """As evaluate, predict and export pick them: ema.safetensors when the checkpoint has it."""
+    from resnet_dist.checkpoint import save_checkpoint
+
+    model = build_model("resnet18", num_classes=10, in_channels=1, stem="cifar", width=8)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    folder = tmp_path / "run" / "checkpoints" / "last"
+    save_checkpoint(folder, model, {}, {"epoch": 1}, extra={"ema.safetensors": ema})
+    loaded = read_state_dict(str(tmp_path / "run"), "resnet18")
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+    (folder / "ema.safetensors").unlink()
+    loaded = read_state_dict(str(tmp_path / "run"), "resnet18")
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
