@@ -172,8 +172,8 @@ def setup(cfg: TrainConfig) -> Run:
         augment,
         guard,
         cfg.label_smoothing,
-        mix,
-        GradClip(cfg.clip_grad_norm),
+        mix=mix,
+        clip=GradClip(cfg.clip_grad_norm),
         ema=ema,
     )
     run = Run(cfg, step, index, train, evals, Reporter(accelerator.is_main_process), run_dir, val_split)

@@ -273,7 +273,8 @@ def test_clipping_with_accumulation_clips_the_summed_gradient():
     model, optimizer = acc.prepare(net, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     augment = BatchAugment([0.5] * 3, [0.25] * 3, acc.device, 0, False, False, 0.0)
-    step = Step(acc, model, optimizer, scheduler, augment, StepGuard(acc, StopRequest(), 10), 0.0, GradClip(0.01))
+    guard = StepGuard(acc, StopRequest(), 10)
+    step = Step(acc, model, optimizer, scheduler, augment, guard, 0.0, clip=GradClip(0.01))
     images = torch.randint(0, 256, (2, 4, 4, 4, 3), dtype=torch.uint8)
     labels = torch.tensor([[0, 1, 2, 0], [1, 1, 2, 2]])
     for i in range(2):
