@@ -23,7 +23,7 @@ from accelerate import Accelerator
 
 from resnet_dist.augment import BatchAugment
 from resnet_dist.cache import ENV_CACHE, cache_dir, cache_line, check_limit, make_cache
-from resnet_dist.checkpoint import WEIGHTS_CHOICES, load_inference_weights
+from resnet_dist.checkpoint import load_inference_weights
 from resnet_dist.config import TrainConfig
 from resnet_dist.crops import eval_crop_spec
 from resnet_dist.data import ShardStream
@@ -34,6 +34,7 @@ from resnet_dist.filesafe import save_figure, write_json_atomic
 from resnet_dist.index import DatasetIndex, shards_at
 from resnet_dist.inference import (
     WEIGHT_NAMES,
+    add_model_args,
     build_for,
     config_of,
     fill,
@@ -197,13 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TTA_CHOICES,
         help="flip: average the softmax of each image and its horizontal mirror",
     )
-    parser.add_argument(
-        "--weights",
-        default="auto",
-        choices=WEIGHTS_CHOICES,
-        help="auto: the EMA weights (ema.safetensors) when the checkpoint has them, else model.safetensors; "
-        "ema: insist on the EMA weights; raw: model.safetensors",
-    )
+    add_model_args(parser, res=False)
     parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval-SPLIT[-tta][-raw])")
     parser.add_argument("--batch-size", type=int, default=256, help="images per process per batch (default: 256)")
     parser.add_argument("--num-workers", type=int, default=2, help="loader worker processes per process (default: 2)")

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from resnet_dist.checkpoint import WEIGHTS_CHOICES
 from resnet_dist.errors import OneLineParser, UsageError, run_cli
 from resnet_dist.filesafe import fsync_dir
 from resnet_dist.inference import (
     WEIGHT_NAMES,
     InputSpec,
+    add_model_args,
     input_spec,
     load_for_inference,
     read_meta,
@@ -116,15 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--format", required=True, choices=FORMATS, help="onnx (onnxruntime) or torchscript (torch)")
     parser.add_argument("--out", required=True, help="the file to write; MODEL_CARD.md is written beside it")
-    parser.add_argument(
-        "--weights",
-        default="auto",
-        choices=WEIGHTS_CHOICES,
-        help="auto: the EMA weights when the checkpoint has them, else the raw ones; ema; raw",
-    )
-    parser.add_argument(
-        "--res", type=int, default=0, help="input side for checkpoints whose meta.json does not say (older runs)"
-    )
+    add_model_args(parser)
     return parser
 
 

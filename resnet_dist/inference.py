@@ -6,6 +6,7 @@ is never opened, so using a checkpoint from elsewhere cannot run code.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from resnet_dist.checkpoint import find_checkpoint, load_inference_weights
+from resnet_dist.checkpoint import WEIGHTS_CHOICES, find_checkpoint, load_inference_weights
 from resnet_dist.config import TrainConfig
 from resnet_dist.crops import CropSpec, Plan, center_plan, eval_crop_spec, image_size, resize_crop
 from resnet_dist.data import crop_image, decode_image
@@ -179,3 +180,19 @@ def cover(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     big = resize_crop(image, plan, max(out_h, out_w))
     top, left = (out_h - th) // 2, (out_w - tw) // 2
     return big[:, top : top + th, left : left + tw].permute(1, 2, 0).contiguous().numpy()
+
+
+def add_model_args(parser: argparse.ArgumentParser, res: bool = True) -> None:
+    """--weights (evaluate, predict, export) and --res (predict, export): which weights, and the input side
+    of older checkpoints whose meta.json does not record it."""
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=WEIGHTS_CHOICES,
+        help="auto: the EMA weights (ema.safetensors) when the checkpoint has them, else model.safetensors; "
+        "ema: insist on the EMA weights; raw: model.safetensors",
+    )
+    if res:
+        parser.add_argument(
+            "--res", type=int, default=0, help="input side for checkpoints whose meta.json does not say (older runs)"
+        )

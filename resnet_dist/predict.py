@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from resnet_dist.augment import BatchAugment
-from resnet_dist.checkpoint import WEIGHTS_CHOICES
 from resnet_dist.engine import eval_scores
 from resnet_dist.errors import DataError, OneLineParser, UsageError, run_cli
 from resnet_dist.inference import (
     WEIGHT_NAMES,
     InputSpec,
+    add_model_args,
     config_of,
     input_spec,
     load_for_inference,
@@ -133,17 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument(
-        "--weights",
-        default="auto",
-        choices=WEIGHTS_CHOICES,
-        help="auto: the EMA weights when the checkpoint has them, else the raw ones; ema; raw",
-    )
-    parser.add_argument(
         "--tta", default="none", choices=TTA_CHOICES, help="flip: average the softmax with the mirror's"
     )
-    parser.add_argument(
-        "--res", type=int, default=0, help="input side for checkpoints whose meta.json does not say (older runs)"
-    )
+    add_model_args(parser)
     parser.set_defaults(fmt="text")
     return parser
 

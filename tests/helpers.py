@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_DDP = ROOT / "accelerate_configs" / "cpu_ddp.yaml"
 TRAIN = ROOT / "launch" / "train.py"
 SCRIPTS = ROOT / "tests" / "scripts"
+FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist (make data)
 
 
 def run_env(**extra) -> dict:
@@ -125,3 +126,14 @@ def cluster_env(**extra) -> dict:
     env = run_env(OMP_NUM_THREADS="1", **extra)
     env.pop("PET_STANDALONE", None)
     return env
+
+
+def fashion_subset(out: Path, limit: int, *shard_args: str) -> Path:
+    """The first `limit` images of each real Fashion-MNIST split packed into `out` (skips the test where the
+    dataset is not installed)."""
+    import pytest
+
+    if not FASHION.is_dir():
+        pytest.skip(f"{FASHION} not present (make data)")
+    ok(shard("fashion-mnist", "--root", str(FASHION), "--out", str(out), "--limit", str(limit), *shard_args))
+    return out

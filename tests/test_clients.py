@@ -15,13 +15,12 @@ import datasets
 import numpy as np
 import pytest
 import webdataset as wds
-from helpers import ok, shard
+from helpers import FASHION, fashion_subset, ok, shard
 from PIL import Image
 
 from resnet_dist.index import load_index
 from resnet_dist.sources import read_idx
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = 4
 
 
@@ -54,11 +53,7 @@ def synthetic_label(origin: str) -> int:
 
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory) -> Path:
-    if not FASHION.is_dir():
-        pytest.skip(f"{FASHION} not present")
-    out = tmp_path_factory.mktemp("clients") / "fashion"
-    ok(shard("fashion-mnist", "--root", str(FASHION), "--out", str(out), "--limit", "1500", "--shard-size", "400"))
-    return out
+    return fashion_subset(tmp_path_factory.mktemp("clients") / "fashion", 1500, "--shard-size", "400")
 
 
 def fashion_label(origin: str) -> int:

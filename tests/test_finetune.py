@@ -9,22 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import ok, read_json, shard, train
+from helpers import fashion_subset, ok, read_json, train
 from safetensors.torch import load_file, save_file
 
 from resnet_dist.models import build_model
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 HEAD = ("fc.weight", "fc.bias")
 
 
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory) -> Path:
-    if not FASHION.is_dir():
-        pytest.skip(f"{FASHION} not present")
-    out = tmp_path_factory.mktemp("finetune") / "fashion"
-    ok(shard("fashion-mnist", "--root", str(FASHION), "--out", str(out), "--limit", "384", "--shard-size", "200"))
-    return out
+    return fashion_subset(tmp_path_factory.mktemp("finetune") / "fashion", 384, "--shard-size", "200")
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TRAIN, ok, read_json, run_env, shard
+from helpers import ROOT, TRAIN, fashion_subset, ok, read_json, run_env
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -29,7 +29,6 @@ from resnet_dist.inference import input_spec, load_for_inference, prepare, read_
 from resnet_dist.storage import read_index
 
 pytestmark = pytest.mark.slow
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 N_TEST = 240  # real test images written as PNG files
 TINY = ["--width", "8", "--batch-size", "32", "--lr", "0.05", "--epochs", "5", "--num-workers", "0"]
 CROP = ["--train-crop", "center", "--res", "24"]  # evaluation: shorter side to 27, centre 24x24
@@ -38,11 +37,8 @@ CROP = ["--train-crop", "center", "--res", "24"]  # evaluation: shorter side to 
 @pytest.fixture(scope="module")
 def fm(tmp_path_factory):
     """Real Fashion-MNIST shards (240 test images), a tiny run trained on them, and the test images as PNGs."""
-    if not FASHION.is_dir():
-        pytest.skip(f"{FASHION} not present")
     base = tmp_path_factory.mktemp("ship")
-    data, run = base / "fm", base / "run"
-    ok(shard("fashion-mnist", "--root", str(FASHION), "--out", str(data), "--limit", str(N_TEST)))
+    data, run = fashion_subset(base / "fm", N_TEST), base / "run"
     train = [sys.executable, str(TRAIN), "--data", str(data), "--out", str(run), *TINY, *CROP]
     env = run_env(OMP_NUM_THREADS="1")
     ok(subprocess.run([*train, "--wandb-mode", "disabled"], capture_output=True, text=True, timeout=300, env=env))
