@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import io
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -147,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_atomic(out.parent / "MODEL_CARD.md", lambda tmp: tmp.write_text(card))
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
-    print(f"wrote {out} ({args.format}, {WEIGHT_NAMES[kind]} of {checkpoint}) and {out.parent / 'MODEL_CARD.md'}")
+    what = f"{args.format}, {WEIGHT_NAMES[kind]} of {checkpoint}"
+    sys.stdout.write(f"wrote {out} ({what}) and {out.parent / 'MODEL_CARD.md'}\n")
     return 0
 
 

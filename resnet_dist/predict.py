@@ -105,12 +105,12 @@ class Writer:
         elif self.fmt == "csv":
             self.csv.writerow([str(path)] + [v for c, p in top for v in (c, f"{p:.6f}")])
         else:
-            print(f"{path}: " + ", ".join(f"{c} {p:.4f}" for c, p in top))
+            sys.stdout.write(f"{path}: " + ", ".join(f"{c} {p:.4f}" for c, p in top) + "\n")
 
     def finish(self, unreadable: list[str]) -> None:
         if self.fmt == "json":
             json.dump(self.head | {"predictions": self.rows, "unreadable": unreadable}, sys.stdout, indent=2)
-            print()
+            sys.stdout.write("\n")
         sys.stdout.flush()
 
 
@@ -165,13 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if channels_last:  # as evaluate runs it
         model = model.to(memory_format=torch.channels_last)
     augment = BatchAugment(spec.mean, spec.std, device, channels_last=channels_last)
-    print(f"predicting with the {WEIGHT_NAMES[kind]} of {checkpoint} on {device}: {spec.describe()}", file=sys.stderr)
+    sys.stderr.write(f"predicting with the {WEIGHT_NAMES[kind]} of {checkpoint} on {device}: {spec.describe()}\n")
     head = {"checkpoint": str(checkpoint), "weights": kind, "tta": args.tta, "classes": meta["classes"]}
     writer, unreadable, done = Writer(args.fmt, min(args.top_k, len(meta["classes"])), head), [], 0
 
     def warn(line: str) -> None:
         unreadable.append(line.removeprefix("warning: "))
-        print(line, file=sys.stderr, flush=True)
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
     for batch in chunks(prepared(files, spec, warn), args.batch_size):
         probs = probabilities(model, augment, [image for _, image in batch], args.tta == "flip")
@@ -179,9 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             writer.add(path, top)
         done += len(batch)
     writer.finish(unreadable)
-    print(f"{done} image(s) predicted, {len(unreadable)} unreadable", file=sys.stderr)
+    sys.stderr.write(f"{done} image(s) predicted, {len(unreadable)} unreadable\n")
     if not done:  # exit 1 (as the issue asks): the command was well formed, its files were not images
-        print(f"error: none of the {len(files)} file(s) could be read as an image", file=sys.stderr)
+        sys.stderr.write(f"error: none of the {len(files)} file(s) could be read as an image\n")
         return 1
     return 0
 
