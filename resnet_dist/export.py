@@ -122,10 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_out(out: Path) -> None:
+    """--out names a file; its folder is made if missing (as train's and shard's --out are)."""
     if out.is_dir():
         raise UsageError(f"--out {out}: is a folder; name the file to write")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {out}: no such folder {out.parent}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create the folder {out.parent} ({exc.strerror or exc})") from None
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: cannot write in {out.parent}")
 

@@ -315,12 +315,18 @@ def test_export_matches_pytorch(fm, tmp_path, fmt):
 
 def test_export_bad_input(fm, tmp_path):
     checkpoint = fm["run"]
+    (tmp_path / "a-file").write_text("")
     for args, words in (
         (["--format", "tflite", "--out", tmp_path / "m"], "invalid choice: 'tflite'"),
-        (["--format", "onnx", "--out", tmp_path / "no" / "m.onnx"], "no such folder"),
+        (["--format", "onnx", "--out", tmp_path / "a-file" / "m.onnx"], "cannot create the folder"),
         (["--format", "onnx", "--out", tmp_path], "is a folder"),
         (["--format", "onnx", "--out", tmp_path / "m.onnx", "--weights", "ema"], "no ema.safetensors"),
     ):
         code, err = in_process(export_main, "--checkpoint", checkpoint, *args)
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
     assert not (tmp_path / "m.onnx").exists()
+    # A folder that does not exist yet is made, as the README's `--out models/fm.onnx` needs.
+    code, _ = in_process(
+        export_main, "--checkpoint", checkpoint, "--format", "torchscript", "--out", tmp_path / "new" / "m.pt"
+    )
+    assert code == 0 and (tmp_path / "new" / "m.pt").is_file() and (tmp_path / "new" / "MODEL_CARD.md").is_file()
