@@ -35,7 +35,6 @@ from resnet_dist.index import DatasetIndex, shards_at
 from resnet_dist.inference import (
     WEIGHT_NAMES,
     add_model_args,
-    build_for,
     config_of,
     fill,
     read_meta,
@@ -44,6 +43,7 @@ from resnet_dist.inference import (
     stem_channels,
 )
 from resnet_dist.locations import check_location
+from resnet_dist.models import model_for
 from resnet_dist.storage import check_shards, is_remote, read_index
 
 TTA_CHOICES = ("none", "flip")
@@ -65,7 +65,7 @@ def load_model(
             f"but {data} has {index.num_classes} ({', '.join(index.classes[:5])}"
             f"{', ...' if index.num_classes > 5 else ''})"
         )
-    model = build_for(cfg, index.num_classes, index.channels)
+    model = model_for(cfg, index.num_classes, index.channels)
     if weights is None:
         weights, _ = load_inference_weights(checkpoint)
     _, channels = stem_channels(model, weights)

@@ -20,7 +20,7 @@ from resnet_dist.config import TrainConfig
 from resnet_dist.crops import CropSpec, Plan, center_plan, eval_crop_spec, image_size, resize_crop
 from resnet_dist.data import crop_image, decode_image
 from resnet_dist.errors import DataError, UsageError
-from resnet_dist.models import build_model
+from resnet_dist.models import model_for
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -73,19 +73,6 @@ def stem_channels(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> t
     return name, int(weights[name].shape[1])
 
 
-def build_for(cfg: TrainConfig, num_classes: int, channels: int) -> torch.nn.Module:
-    """The run's network, freshly initialised, as the trainer built it."""
-    return build_model(
-        cfg.model,
-        num_classes=num_classes,
-        in_channels=channels,
-        stem=cfg.stem,
-        width=cfg.width or None,
-        dropout=cfg.dropout,
-        zero_init_residual=cfg.zero_init_residual,
-    )
-
-
 def fill(model: torch.nn.Module, weights: dict[str, torch.Tensor], checkpoint: Path, cfg: TrainConfig) -> None:
     """Load `weights` into `model`, every key; a mismatch is one line naming the first difference."""
     try:
@@ -111,8 +98,8 @@ def load_for_inference(checkpoint: Path, meta: dict, which: str = "auto") -> tup
     weights, kind = load_inference_weights(checkpoint, which)
     channels = meta.get("channels")
     if not isinstance(channels, int):
-        channels = stem_channels(build_for(cfg, len(meta["classes"]), 3), weights)[1]
-    model = build_for(cfg, len(meta["classes"]), channels)
+        channels = stem_channels(model_for(cfg, len(meta["classes"]), 3), weights)[1]
+    model = model_for(cfg, len(meta["classes"]), channels)
     fill(model, weights, checkpoint, cfg)
     return model.eval(), kind
 

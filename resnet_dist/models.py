@@ -220,6 +220,20 @@ def build_model(
     return _RESNETS[name](num_classes, stem, 64 if width is None else width, in_channels, dropout, zero_init_residual)
 
 
+def model_for(cfg, num_classes: int, channels: int) -> nn.Module:
+    """The network a training config (resnet_dist.config.TrainConfig) describes, freshly initialised: what the
+    trainer trains and what evaluate, predict and export load a checkpoint into."""
+    return build_model(
+        cfg.model,
+        num_classes=num_classes,
+        in_channels=channels,
+        stem=cfg.stem,
+        width=cfg.width or None,
+        dropout=cfg.dropout,
+        zero_init_residual=cfg.zero_init_residual,
+    )
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -48,7 +48,7 @@ from resnet_dist.guard import (
 )
 from resnet_dist.index import shards_at
 from resnet_dist.mix import mix_spec
-from resnet_dist.models import build_model, count_parameters
+from resnet_dist.models import count_parameters, model_for
 from resnet_dist.optim import build_optimizer, build_scheduler, param_groups
 from resnet_dist.pretrained import backbone_eval, backbone_frozen, init_from, set_backbone_trainable
 from resnet_dist.recipes import RECIPES, scaled_lr
@@ -100,15 +100,7 @@ def build(
     """(model, optimizer, the --init-from report line). A fresh run loads --init-from; a resumed one its own
     checkpoint (run.restore), so it reads no weights here."""
     torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
-    model = build_model(
-        cfg.model,
-        num_classes=index.num_classes,
-        in_channels=index.channels,
-        stem=cfg.stem,
-        width=cfg.width or None,
-        dropout=cfg.dropout,
-        zero_init_residual=cfg.zero_init_residual,
-    )
+    model = model_for(cfg, index.num_classes, index.channels)
     note = init_from(model, cfg.init_from, cfg.model, cfg.stem) if cfg.init_from and fresh else ""
     set_backbone_trainable(model, not backbone_frozen(cfg, 0))  # before prepare: see sync_frozen
     if cfg.sync_bn and accelerator.num_processes > 1:
