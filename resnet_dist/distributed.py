@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import socket
 import threading
@@ -292,3 +294,7 @@ def end_run(accelerator) -> None:
     """
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    # A DDP wrapper still unreachable-but-uncollected (in a reference cycle) when the interpreter finalizes
+    # is freed then, and its reducer's gloo threads can abort the process with that same message after a
+    # clean run. Collect once the caller's frames are gone and before finalization (README: Preemption).
+    atexit.register(gc.collect)

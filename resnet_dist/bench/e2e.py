@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from resnet_dist.bench.common import fast_precision, interleaved, load_split, make_row, say
+from resnet_dist.distributed import end_run
 from resnet_dist.index import DatasetIndex
 
 
@@ -98,7 +99,7 @@ def e2e_kind(args, kind_name: str, base: Path, index: DatasetIndex, out: Path) -
     for _ in range(min(args.warmup, batches)):  # warm-up: first calls allocate and pick kernels
         train_step(run.step, images[: cfg.batch_size], labels[: cfg.batch_size], generator)
     rates = interleaved({"stream": streaming_epoch, "memory": memory_epoch}, args.repeats)
-    run.step.accelerator.end_training()
+    end_run(run.step.accelerator)
     return make_row(
         "e2e",
         f"{kind_name} epoch ({batches} x {cfg.batch_size} images)",

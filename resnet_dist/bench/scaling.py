@@ -19,6 +19,7 @@ import torch
 from resnet_dist.augment import BatchAugment
 from resnet_dist.bench.common import CPU_DDP, ROOT, fast_precision, make_row, say
 from resnet_dist.bench.step import build_net, fresh_accelerator, make_step
+from resnet_dist.distributed import end_run
 from resnet_dist.errors import UsageError
 from resnet_dist.filesafe import write_json_atomic
 
@@ -146,7 +147,7 @@ def scaling_worker(args) -> None:
                 "threads": torch.get_num_threads(),
             },
         )
-    acc.end_training()
+    end_run(acc)
 
 
 def time_allreduce(numel: int) -> float:
