@@ -23,6 +23,7 @@ SHAPES = {  # recipe -> (classes, size, channels) of the dataset it was made for
     "fashion-mnist-15min": (10, 28, 1),
     "fashion-mnist-6min": (10, 28, 1),
     "fashion-mnist-resnet18": (10, 28, 1),
+    "fashion-mnist-60min": (10, 28, 1),
     "imagenet-resnet50": (10, 0, 3),  # size 0: photographs of varying size, as ImageNet's
     "imagenet-resnet18": (10, 0, 3),
 }
